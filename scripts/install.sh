@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Install slimflow and its test tools into the current Python environment.
+# Where no torch is installed yet, pin torch==2.13.0 (on CPU-only machines this resolves to a local CPU build);
+# GPU users install the torch build for their CUDA first, and this script then keeps it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  "$PY" -m pip install -q "torch==2.13.0"
+fi
+"$PY" -m pip install -q -e ".[test]"

@@ -1,0 +1,189 @@
+"""`slimflow.prune(model, calibration, ratio=...)`: the engine's one Python entry point."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from slimflow import surgery
+from slimflow.adapters import ModelAdapter, get_adapter
+from slimflow.algorithms.schedules import LayerShape, Plan, plan_layers
+from slimflow.methods import get_method
+from slimflow.pipeline import LayerResult, PhaseTimes, prune_layers
+
+
+@dataclass
+class PruneReport:
+    """What a pruning run did: settings, parameter counts, per-layer widths, kept units and errors."""
+
+    settings: dict
+    params_before: int
+    params_after: int
+    reference_params: int
+    target_fraction: float
+    layers: list[LayerResult]
+    wall_time: float = 0.0
+    phase_times: dict = field(default_factory=dict)
+
+    @property
+    def realised_fraction(self) -> float:
+        """Fraction of the reference model's total parameters removed so far."""
+        return 1 - self.params_after / self.reference_params
+
+    @property
+    def widths(self) -> list[surgery.LayerWidths]:
+        return [r.widths for r in self.layers]
+
+    def to_dict(self) -> dict:
+        return {
+            "slimflow_version": _version(),
+            "settings": self.settings,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "reference_params": self.reference_params,
+            "target_fraction": self.target_fraction,
+            "realised_fraction": round(self.realised_fraction, 6),
+            "wall_time_s": round(self.wall_time, 3),
+            "phase_times_s": self.phase_times,
+            "layers": [
+                asdict(r) | {"widths": r.widths.to_dict()} for r in self.layers
+            ],
+        }
+
+    def to_markdown(self) -> str:
+        rows = [
+            "| layer | ratio | heads | KV heads | FFN channels | attn error (OBS / none) | FFN error (OBS / none) |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in self.layers:
+            w = r.widths
+            rows.append(
+                f"| {r.index} | {r.ratio:.3f} | {r.heads_before} → {w.num_attention_heads} | {w.num_key_value_heads} "
+                f"| {r.channels_before} → {w.intermediate_size} | {r.attn_error:.4g} / {r.attn_error_uncompensated:.4g} "
+                f"| {r.ffn_error:.4g} / {r.ffn_error_uncompensated:.4g} |"
+            )
+        head = (
+            f"Parameters: {self.params_before:,} → {self.params_after:,} "
+            f"({self.realised_fraction:.2%} of {self.reference_params:,} removed; target {self.target_fraction:.2%})\n\n"
+        )
+        return head + "\n".join(rows) + "\n"
+
+
+def _version() -> str:
+    from slimflow import __version__
+
+    return __version__
+
+
+def layer_shapes(model: nn.Module, adapter: ModelAdapter) -> list[LayerShape]:
+    """Current widths of every layer and the parameter cost of one head unit / one channel there."""
+    shapes = []
+    head_dim = adapter.head_dim(model)
+    for layer in adapter.layers(model):
+        q, k, v, o = adapter.attention_projections(layer)
+        gate, up, down = adapter.mlp_projections(layer)
+        heads, kv = adapter.layer_heads(model, layer)
+        unit_params = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in (q, k, v)) // kv
+        unit_params += o.weight.numel() // kv
+        channels = gate.out_features
+        channel_params = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in (gate, up)) // channels
+        channel_params += down.weight.numel() // channels
+        shapes.append(LayerShape(kv, unit_params, channels, channel_params))
+    del head_dim
+    return shapes
+
+
+def plan(model: nn.Module, ratio: float, schedule: str = "log_increase", reference_params: int | None = None,
+         spread: float = 4.0, max_layer_ratio: float | None = None, channel_multiple: int = 1) -> Plan:
+    """Check a ratio/schedule against a model and return the per-layer plan, without any calibration work.
+
+    Raises `ScheduleError` with the fix for an impossible request."""
+    adapter = get_adapter(model)
+    reference_params = reference_params or surgery.count_parameters(model)
+    return plan_layers(layer_shapes(model, adapter), ratio, reference_params, schedule, spread, max_layer_ratio,
+                       channel_multiple)
+
+
+def _resolve_device(device, model) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else next(model.parameters()).device
+    return torch.device(device)
+
+
+def prune(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    ratio: float = 0.2,
+    schedule: str = "log_increase",
+    method: str = "slimgpt",
+    *,
+    reference_params: int | None = None,
+    spread: float = 4.0,
+    max_layer_ratio: float | None = None,
+    channel_multiple: int = 1,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    method_kwargs: dict | None = None,
+) -> PruneReport:
+    """Physically remove head units and FFN channels from `model`, in place.
+
+    Args:
+        model: a Hugging Face causal LM of a supported family (llama, mistral, qwen2).
+        calibration: `[num_samples, seqlen]` token ids (see `slimflow.data.calibration.calibration_ids`).
+        ratio: fraction of the reference model's **total** parameters to remove (embeddings included in the
+            count, never pruned).
+        schedule: per-layer ratio shape: `uniform`, `linear` or `log_increase` (SlimGPT's incremental ratio).
+        method: registered method name (`slimgpt`, `magnitude`, ...).
+        reference_params: parameter count the ratio refers to (default: the model as passed). Iterative
+            recipes pass the original dense count so that `ratio=0.35` means 35% of the original model.
+        spread: `r_max / r_min` of the non-uniform schedules.
+        max_layer_ratio: optional cap on any layer's ratio.
+        channel_multiple: keep FFN widths a multiple of this (e.g. 64 for tensor-core friendly shapes).
+        batch_size: calibration sequences per forward pass.
+        device: where each layer is processed (default: CUDA if available, else where the model is). The
+            model may stay on the CPU; only the current layer is moved.
+        progress: show a progress bar per layer.
+        method_kwargs: extra arguments of the method (e.g. `{"damp": 0.01}` for SlimGPT).
+    """
+    start = time.perf_counter()
+    adapter = get_adapter(model)
+    if calibration.dim() != 2 or calibration.shape[0] < 1:
+        raise ValueError(f"calibration must be a [num_samples, seqlen] tensor of token ids, got {tuple(calibration.shape)}")
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos and calibration.shape[1] > max_pos:
+        raise ValueError(f"calibration sequences have {calibration.shape[1]} tokens but the model supports "
+                         f"{max_pos} positions: lower seqlen to at most {max_pos}")
+    params_before = surgery.count_parameters(model)
+    reference_params = reference_params or params_before
+    layer_plan = plan(model, ratio, schedule, reference_params, spread, max_layer_ratio, channel_multiple)
+    pruner = get_method(method, **(method_kwargs or {}))
+    dev = _resolve_device(device, model)
+    was_training = model.training
+    model.eval()
+    use_cache = getattr(model.config, "use_cache", None)
+    times = PhaseTimes()
+    try:
+        results = prune_layers(model, adapter, calibration, layer_plan.layers, pruner, dev, batch_size, progress,
+                               times=times)
+    finally:
+        model.train(was_training)
+    if use_cache is not None:
+        model.config.use_cache = use_cache
+    record_widths(model, [r.widths for r in results])
+    settings = {
+        "method": pruner.name, "method_kwargs": method_kwargs or {}, "ratio": ratio, "schedule": schedule,
+        "spread": spread, "max_layer_ratio": max_layer_ratio, "channel_multiple": channel_multiple,
+        "num_samples": int(calibration.shape[0]), "seqlen": int(calibration.shape[1]), "batch_size": batch_size,
+        "device": str(dev), "model_type": model.config.model_type, "decoder_ratio": layer_plan.decoder_ratio,
+    }
+    return PruneReport(settings, params_before, surgery.count_parameters(model), reference_params, ratio, results,
+                       time.perf_counter() - start, times.as_dict())
+
+
+def record_widths(model: nn.Module, widths: list[surgery.LayerWidths]) -> None:
+    """Write per-layer widths into the model config, so `save_pretrained`-style exports carry them."""
+    model.config.slimflow_layer_widths = [w.to_dict() for w in widths]

@@ -1,0 +1,79 @@
+"""Calibration sequences: fixed-length token windows drawn from a text source."""
+
+from __future__ import annotations
+
+import torch
+
+from slimflow.data.text import DataSourceError, read_texts
+
+
+class CalibrationError(DataSourceError):
+    pass
+
+
+def _tail_text(texts: list[str], chars: int) -> str:
+    out, n = [], 0
+    for t in reversed(texts):
+        out.append(t)
+        n += len(t)
+        if n >= chars:
+            break
+    return "\n\n".join(reversed(out))[-chars:]
+
+
+def calibration_ids(
+    source: str,
+    tokenizer,
+    num_samples: int = 128,
+    seqlen: int = 2048,
+    seed: int = 0,
+    sampling: str = "random",
+    skip_tokens: int = 0,
+    split: str | None = None,
+    field: str | None = None,
+) -> torch.Tensor:
+    """`[num_samples, seqlen]` token windows from `source` (local .txt/.json/.jsonl(.gz) file or hub dataset).
+
+    Texts are joined with blank lines and tokenised without special tokens. `sampling="random"` draws windows
+    at seeded random offsets (after `skip_tokens`, e.g. to stay clear of an evaluation prefix); `"tail"` takes
+    `num_samples` consecutive windows from the very end of the text.
+    """
+    if num_samples < 1 or seqlen < 2:
+        raise CalibrationError(f"need num_samples ≥ 1 and seqlen ≥ 2, got {num_samples} and {seqlen}")
+    if sampling not in ("random", "tail"):
+        raise CalibrationError(f"sampling must be 'random' or 'tail', got {sampling!r}")
+    texts = [t for t in read_texts(source, split=split, field=field) if t and t.strip()]
+    if not texts:
+        raise CalibrationError(f"calibration source {source!r} contains no text")
+    needed = num_samples * seqlen if sampling == "tail" else seqlen
+    if sampling == "tail":
+        chars = needed * 8
+        while True:
+            text = _tail_text(texts, chars)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) >= needed + 1 or len(text) < chars:
+                break
+            chars *= 2
+        ids = ids[1:]  # the first token may be a word cut in half
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(texts), generator=gen).tolist() if len(texts) > 1 else [0]
+        budget = skip_tokens + max(4 * num_samples * seqlen, seqlen)
+        ids = []
+        for i in order:
+            ids.extend(tokenizer(texts[i] + "\n\n", add_special_tokens=False)["input_ids"])
+            if len(ids) >= budget:
+                break
+        ids = ids[skip_tokens:]
+    if len(ids) < needed:
+        raise CalibrationError(
+            f"calibration text {source!r} has {len(ids)} tokens (after skipping {skip_tokens}), but "
+            f"{num_samples} × {seqlen} {'consecutive ' if sampling == 'tail' else ''}tokens need at least "
+            f"{needed}. Use a longer text, fewer samples (--num-samples) or shorter sequences (--seqlen)."
+        )
+    ids = torch.tensor(ids, dtype=torch.long)
+    if sampling == "tail":
+        return ids[-needed:].reshape(num_samples, seqlen)
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - seqlen + 1, (num_samples,), generator=gen)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
