@@ -102,9 +102,10 @@ def plan(model: nn.Module, ratio: float, schedule: str = "log_increase", referen
 
     Raises `ScheduleError` with the fix for an impossible request."""
     adapter = get_adapter(model)
-    reference_params = reference_params or surgery.count_parameters(model)
+    current = surgery.count_parameters(model)
+    reference_params = reference_params or current
     return plan_layers(layer_shapes(model, adapter), ratio, reference_params, schedule, spread, max_layer_ratio,
-                       channel_multiple)
+                       channel_multiple, already_removed=reference_params - current)
 
 
 def _resolve_device(device, model) -> torch.device:

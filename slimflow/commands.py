@@ -11,6 +11,7 @@ import yaml
 
 
 def prune(
+    *,
     model: str,
     calibration: str,
     output: str,
@@ -23,6 +24,7 @@ def prune(
     skip_tokens: int = 0,
     seed: int = 0,
     damp: float = 0.01,
+    method_kwargs: dict | None = None,
     spread: float = 4.0,
     max_layer_ratio: float | None = None,
     channel_multiple: int = 1,
@@ -48,6 +50,7 @@ def prune(
         skip_tokens: ignore this many leading tokens of the calibration text (random sampling).
         seed: seed of the calibration sampling; pruning is deterministic for a given seed.
         damp: Hessian damping λ (SlimGPT).
+        method_kwargs: further method options as a mapping, e.g. '{"exact_head_score": false}' for SlimGPT.
         spread: r_max / r_min of the linear and log_increase schedules.
         max_layer_ratio: optional cap on any single layer's ratio.
         channel_multiple: keep each FFN width a multiple of this.
@@ -58,6 +61,7 @@ def prune(
         overwrite: replace an existing output directory.
         progress: show progress bars.
     """
+    arguments = dict(locals())
     import torch
 
     from slimflow.api import plan
@@ -68,13 +72,12 @@ def prune(
     from slimflow.models import load_model, load_tokenizer, resolve_device, resolve_dtype
     from slimflow.reporting import plot_widths
 
-    arguments = dict(locals())
     out = Path(output)
     if out.exists() and not overwrite:
         raise FileExistsError(f"output directory {out} already exists: choose another --output or pass --overwrite")
     if not 0 < ratio < 1:
         raise ValueError(f"--ratio must be in (0, 1) (the fraction of parameters to remove), got {ratio}")
-    method_kwargs = {"damp": damp} if method == "slimgpt" else {}
+    method_kwargs = ({"damp": damp} if method == "slimgpt" else {}) | dict(method_kwargs or {})
     get_method(method, **method_kwargs)  # unknown method: fail before loading anything
     start = time.perf_counter()
     dev = resolve_device(device)

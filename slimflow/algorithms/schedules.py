@@ -98,15 +98,22 @@ def plan_layers(
     spread: float = 4.0,
     max_ratio: float | None = None,
     channel_multiple: int = 1,
+    already_removed: int = 0,
 ) -> Plan:
     """Per-layer unit/channel counts removing `fraction·reference_params` parameters as closely as rounding allows.
 
     The mean decoder ratio is found by bisection on the realised (rounded) count, so the realised fraction of
-    the reference model's total parameters lands within a rounding step of the target.
+    the reference model's total parameters lands within a rounding step of the target. `already_removed`
+    counts parameters an earlier stage took from the reference model (iterative recipes).
     """
     if not 0 < fraction < 1:
         raise ScheduleError(f"ratio must be in (0, 1), got {fraction}: it is the fraction of parameters to remove")
-    target = fraction * reference_params
+    target = fraction * reference_params - already_removed
+    if target <= 0:
+        raise ScheduleError(
+            f"the model already has {already_removed / reference_params:.1%} fewer parameters than the reference "
+            f"({reference_params:,}); a ratio of {fraction} asks for no further pruning. Raise the ratio."
+        )
     prunable = sum(s.prunable for s in shapes)
     if target >= prunable:
         raise ScheduleError(
@@ -140,4 +147,4 @@ def plan_layers(
             )
         if p.ratio < 0:
             raise ScheduleError(f"the {schedule} schedule with max_layer_ratio={max_ratio} cannot reach ratio {fraction}")
-    return Plan(plans, fraction, removed / reference_params, removed, mean_ratio)
+    return Plan(plans, fraction, (already_removed + removed) / reference_params, removed, mean_ratio)

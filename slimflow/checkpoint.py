@@ -1,0 +1,291 @@
+"""The pruned-checkpoint format: a Hugging Face model directory whose layers have their own widths.
+
+A checkpoint holds `model.safetensors`, `config.json` (the dense global sizes plus `slimflow_layer_widths`
+and `per_layer_config`), `pruning.json`, `modeling_slimflow.py` with `auto_map` for
+`from_pretrained(trust_remote_code=True)`, `generation_config.json` and the tokenizer when given.
+`load_pruned` rebuilds the model with stock transformers classes and never runs code from the directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+import slimflow
+from slimflow.adapters import get_adapter
+from slimflow.surgery import LayerWidths, apply_widths, count_parameters, layer_widths
+
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+PRUNING_NAME = "pruning.json"
+MODELING_NAME = "modeling_slimflow.py"
+WIDTHS_KEY = "slimflow_layer_widths"
+
+_TEMPLATE = Path(__file__).parent / "templates" / MODELING_NAME
+_REMOTE_CLASS = {
+    "llama": "SlimflowLlamaForCausalLM",
+    "mistral": "SlimflowMistralForCausalLM",
+    "qwen2": "SlimflowQwen2ForCausalLM",
+}
+_GLOBAL_SIZES = (
+    "num_hidden_layers",
+    "hidden_size",
+    "head_dim",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+)
+_PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+class NotASlimflowCheckpointError(ValueError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------------- save
+
+
+def save_pruned(model: nn.Module, path, tokenizer=None, report=None, overwrite: bool = False) -> Path:
+    """Write `model` (pruned or dense) as a checkpoint directory at `path` and return the path.
+
+    Everything is written to a temporary sibling first and renamed into place at the end, so a failure never
+    leaves a half-written checkpoint and an existing one is replaced only once the new one is complete.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    model_type = model.config.model_type
+    if model_type not in _REMOTE_CLASS:
+        get_adapter(model)  # raises the "unsupported model type" error
+        raise ValueError(f"slimflow has no modeling file for model_type={model_type!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        _write_checkpoint(model, staging, tokenizer, report)
+        _replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def _write_checkpoint(model: nn.Module, directory: Path, tokenizer, report) -> None:
+    widths = layer_widths(model)
+    tensors, tied = _weights_for_saving(model)
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+
+    config = _config_dict(model, widths, tied, dtype=next(iter(tensors.values())).dtype)
+    _write_json(directory / CONFIG_NAME, config)
+    shutil.copyfile(_TEMPLATE, directory / MODELING_NAME)
+
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    _write_json(directory / PRUNING_NAME, _pruning_record(model, widths, report))
+
+
+def _replace(staging: Path, path: Path) -> None:
+    """Move the finished `staging` directory to `path`, keeping any old `path` until the move has succeeded."""
+    if not path.exists():
+        staging.rename(path)
+        return
+    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+    path.rename(old)
+    try:
+        staging.rename(path)
+    except BaseException:
+        old.rename(path)
+        raise
+    if old.is_dir():
+        shutil.rmtree(old)
+    else:
+        old.unlink()
+
+
+def _weights_for_saving(model: nn.Module) -> tuple[dict[str, torch.Tensor], bool]:
+    """The state dict as contiguous CPU tensors, each shared tensor once (safetensors refuses aliases).
+
+    The first name of a shared tensor is kept, so tied output embeddings are stored as the input embedding only.
+    """
+    tensors, seen = {}, set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.device)
+        if key in seen:
+            continue
+        seen.add(key)
+        tensors[name] = tensor.detach().to("cpu").contiguous()
+    return tensors, _embeddings_tied(model)
+
+
+def _embeddings_tied(model: nn.Module) -> bool:
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    return outputs is not None and outputs.weight is inputs.weight
+
+
+def _dense_config(config):
+    """A copy of `config` without per-layer overrides, so its global (dense) sizes can be read and serialised."""
+    config = copy.deepcopy(config)
+    if getattr(config, "is_heterogeneous", False):
+        config.per_layer_config = None
+    return config
+
+
+def _config_dict(model: nn.Module, widths: list[LayerWidths], tied: bool, dtype: torch.dtype) -> dict:
+    config = _dense_config(model.config)
+    config.dtype = dtype
+    data = json.loads(config.to_json_string(use_diff=True))
+    data.pop("per_layer_config", None)
+    for key in _GLOBAL_SIZES:
+        data[key] = getattr(config, key)
+    data["tie_word_embeddings"] = tied
+    data["architectures"] = [_REMOTE_CLASS[config.model_type]]
+    data["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_NAME[:-3]}.{_REMOTE_CLASS[config.model_type]}"}
+    data[WIDTHS_KEY] = [w.to_dict() for w in widths]
+    data["per_layer_config"] = _per_layer_config(widths)
+    data["slimflow_version"] = slimflow.__version__
+    return data
+
+
+def _per_layer_config(widths: list[LayerWidths]) -> dict:
+    # Query heads stay out: the pinned LlamaConfig validation reads a global head count and rejects a per-layer
+    # one. They follow from the KV heads, since pruning keeps the query heads per KV head fixed.
+    return {
+        str(i): {"num_key_value_heads": w.num_key_value_heads, "intermediate_size": w.intermediate_size}
+        for i, w in enumerate(widths)
+    }
+
+
+def _dense_parameter_count(config) -> int:
+    with torch.device("meta"):
+        dense = AutoModelForCausalLM.from_config(_dense_config(config))
+    return count_parameters(dense)
+
+
+def _pruning_record(model: nn.Module, widths: list[LayerWidths], report) -> dict:
+    if report is None:
+        record = {}
+    elif hasattr(report, "to_dict"):
+        record = dict(report.to_dict())
+    else:
+        record = dict(report)
+    if record.get("params_before") is None:
+        record["params_before"] = _dense_parameter_count(model.config)
+    record["params_after"] = count_parameters(model)
+    record["layer_widths"] = [w.to_dict() for w in widths]
+    record.setdefault("model_type", model.config.model_type)
+    record.setdefault("slimflow_version", slimflow.__version__)
+    return record
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------- load
+
+
+def load_pruned(path, dtype: torch.dtype | None = None, device=None, attn_implementation: str | None = None):
+    """Rebuild a checkpoint written by `save_pruned` (or a dense HF safetensors directory) and load its weights.
+
+    The model is built from config.json with the stock transformers classes on the meta device, shrunk to the
+    recorded widths, then filled from the safetensors file with `strict=True`. No code from `path` is executed.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint directory at {path}")
+    config_path = path / CONFIG_NAME
+    if not config_path.is_file():
+        raise NotASlimflowCheckpointError(f"{path} has no {CONFIG_NAME}; it is not a model directory")
+    data = json.loads(config_path.read_text())
+    widths = [LayerWidths(**w) for w in data.get(WIDTHS_KEY) or []]
+    config = _stock_config(data, attn_implementation)
+    tensors = _read_weights(path, device)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    if widths:
+        apply_widths(model, widths)
+    _fill_tied_names(model, tensors)
+    try:
+        model.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as error:
+        raise NotASlimflowCheckpointError(
+            f"the weights in {path} do not match the layer widths recorded in its {CONFIG_NAME}: {error}"
+        ) from error
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    _rebuild_meta_buffers(model, device)
+
+    model.config.dtype = next(model.parameters()).dtype
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model.eval()
+
+
+def _stock_config(data: dict, attn_implementation: str | None):
+    """The stock transformers config of `data`, without the fields only the bundled modeling file reads."""
+    data = {k: v for k, v in data.items() if k not in ("auto_map", "per_layer_config", "architectures")}
+    model_type = data.get("model_type")
+    if model_type is None:
+        raise NotASlimflowCheckpointError("config.json has no model_type")
+    config = AutoConfig.for_model(**data)
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
+    return config
+
+
+def _read_weights(path: Path, device) -> dict[str, torch.Tensor]:
+    if (path / WEIGHTS_NAME).is_file():
+        files = [path / WEIGHTS_NAME]
+    elif (path / WEIGHTS_INDEX_NAME).is_file():
+        index = json.loads((path / WEIGHTS_INDEX_NAME).read_text())
+        files = [path / name for name in sorted(set(index["weight_map"].values()))]
+    else:
+        pickles = [name for name in _PICKLE_NAMES if (path / name).exists()]
+        hint = f" (found {pickles[0]}: slimflow reads safetensors only)" if pickles else ""
+        raise FileNotFoundError(f"{path} has no {WEIGHTS_NAME}{hint}")
+    tensors = {}
+    for file in files:
+        with safe_open(str(file), framework="pt", device=str(device or "cpu")) as handle:
+            for name in handle.keys():
+                tensors[name] = handle.get_tensor(name)
+    return tensors
+
+
+def _fill_tied_names(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Give every name of a shared parameter (tied embeddings) the tensor stored under one of its names."""
+    names_by_tensor: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        names_by_tensor.setdefault(id(tensor), []).append(name)
+    for names in names_by_tensor.values():
+        stored = [n for n in names if n in tensors]
+        for name in names:
+            if stored and name not in tensors:
+                tensors[name] = tensors[stored[0]]
+
+
+def _rebuild_meta_buffers(model: nn.Module, device) -> None:
+    """Recompute non-persistent buffers (rotary frequencies) that the meta-device build left empty."""
+    for name, module in model.named_modules():
+        if not any(buffer.is_meta for buffer in module.buffers(recurse=False)):
+            continue
+        if not type(module).__name__.endswith("RotaryEmbedding"):
+            raise RuntimeError(f"cannot rebuild the buffers of {name} ({type(module).__name__}) after a meta build")
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        with torch.device(device or "cpu"):
+            setattr(parent, attr, type(module)(config=module.config))

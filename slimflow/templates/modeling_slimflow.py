@@ -1,0 +1,94 @@
+"""A structurally pruned causal LM whose layers have their own attention-head and FFN widths.
+
+Written next to the weights by slimflow. Load with
+`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`; only torch and transformers are needed.
+
+config.json keeps the dense model's global sizes and lists each layer's widths under `slimflow_layer_widths`
+(`num_attention_heads`, `num_key_value_heads`, `intermediate_size`). The stock model is built from the global
+sizes, then each layer's projections are cut to its recorded widths before the weights are loaded.
+Pruning removes whole KV groups, so `head_dim` and the query heads per KV head stay as in the global config.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+
+
+def _leading(linear: nn.Linear, rows: int | None = None, cols: int | None = None) -> nn.Linear:
+    """A Linear holding the first `rows` outputs and first `cols` inputs of `linear` (weights are loaded later)."""
+    weight = linear.weight.detach()
+    bias = None if linear.bias is None else linear.bias.detach()
+    if rows is not None:
+        weight = weight[:rows]
+        bias = None if bias is None else bias[:rows]
+    if cols is not None:
+        weight = weight[:, :cols]
+    out_features, in_features = weight.shape
+    new = nn.Linear(in_features, out_features, bias=bias is not None, device="meta", dtype=weight.dtype)
+    new.weight = nn.Parameter(weight.clone(), requires_grad=linear.weight.requires_grad)
+    if bias is not None:
+        new.bias = nn.Parameter(bias.clone(), requires_grad=linear.bias.requires_grad)
+    return new
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _apply_layer_widths(model: nn.Module, widths: list[dict]) -> None:
+    layers = model.model.layers
+    if len(widths) != len(layers):
+        raise ValueError(f"config.json records {len(widths)} layer widths for a model with {len(layers)} layers")
+    head_dim = _head_dim(model.config)
+    for layer, width in zip(layers, widths):
+        heads, kv_heads = width["num_attention_heads"], width["num_key_value_heads"]
+        channels = width["intermediate_size"]
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.q_proj = _leading(attn.q_proj, rows=heads * head_dim)
+        attn.k_proj = _leading(attn.k_proj, rows=kv_heads * head_dim)
+        attn.v_proj = _leading(attn.v_proj, rows=kv_heads * head_dim)
+        attn.o_proj = _leading(attn.o_proj, cols=heads * head_dim)
+        # Attention kernels repeat each KV head this many times; the value must come from the layer, not the config.
+        attn.num_key_value_groups = heads // kv_heads
+        for name, value in (("num_heads", heads), ("num_key_value_heads", kv_heads)):
+            if hasattr(attn, name):
+                setattr(attn, name, value)
+        mlp.gate_proj = _leading(mlp.gate_proj, rows=channels)
+        mlp.up_proj = _leading(mlp.up_proj, rows=channels)
+        mlp.down_proj = _leading(mlp.down_proj, cols=channels)
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = channels
+
+
+class _PerLayerWidths:
+    """Builds the stock model from the global config, then cuts each layer to `config.slimflow_layer_widths`."""
+
+    def __init__(self, config, *args, **kwargs):
+        # Transformers versions that understand `per_layer_config` refuse global reads of per-layer sizes, but the
+        # stock layers are built from the global ones. Build without it, then put it back for saving and caches.
+        per_layer = None
+        if getattr(config, "is_heterogeneous", False):
+            per_layer = config.to_dict().get("per_layer_config")
+            config.per_layer_config = None
+        try:
+            super().__init__(config, *args, **kwargs)
+        finally:
+            if per_layer:
+                config.per_layer_config = per_layer
+        widths = getattr(config, "slimflow_layer_widths", None)
+        if widths:
+            _apply_layer_widths(self, widths)
+
+
+class SlimflowLlamaForCausalLM(_PerLayerWidths, LlamaForCausalLM):
+    pass
+
+
+class SlimflowMistralForCausalLM(_PerLayerWidths, MistralForCausalLM):
+    pass
+
+
+class SlimflowQwen2ForCausalLM(_PerLayerWidths, Qwen2ForCausalLM):
+    pass
+
