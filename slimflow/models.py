@@ -17,7 +17,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
     if dtype not in names:
@@ -36,7 +36,7 @@ def is_pruned_checkpoint(path: str | Path) -> bool:
     return config.is_file() and "slimflow_layer_widths" in json.loads(config.read_text())
 
 
-def load_model(name_or_path: str, dtype: str | torch.dtype | None = "auto", device: str | torch.device | None = "cpu"):
+def load_model(name_or_path: str, dtype: str | torch.dtype | None = "auto", device: str | torch.device | None = "auto"):
     """A slimflow pruned directory (rebuilt without running code from it), a plain HF directory, or a hub id."""
     from transformers import AutoModelForCausalLM
 

@@ -47,13 +47,13 @@ def eval(  # noqa: A001 - the subcommand is called eval
         progress: show progress bars.
     """
     from slimflow.evaluation.generation import DEFAULT_PROMPTS, generate_samples, save_samples
-    from slimflow.evaluation.loading import load_model_and_tokenizer
+    from slimflow.models import load_model, load_tokenizer
     from slimflow.evaluation.suite import evaluate_model
 
     if not model:
         raise ValueError("give the model to evaluate: slimflow eval --model DIR_OR_HUB_ID")
     ppl, tasks = split_list(ppl), split_list(tasks)
-    lm, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=device)
+    lm, tokenizer = load_model(model, dtype=dtype, device=device).eval(), load_tokenizer(model)
     metrics = evaluate_model(lm, tokenizer, ppl=ppl, tasks=tasks, limit=limit, batch_size=batch_size,
                              max_windows=max_windows, max_tokens=max_tokens, task_source=task_source,
                              data_dir=data_dir, progress=progress)
