@@ -12,7 +12,9 @@ from slimflow import surgery
 from slimflow.adapters import ModelAdapter, get_adapter
 from slimflow.algorithms.schedules import LayerShape, Plan, plan_layers
 from slimflow.methods import get_method
-from slimflow.pipeline import LayerResult, PhaseTimes, prune_layers
+from slimflow.methods.base import Budget
+from slimflow.methods.common import add_output_biases, check_schedule
+from slimflow.pipeline import LayerResult, PhaseTimes, prune_global, prune_layers
 
 
 @dataclass
@@ -118,7 +120,7 @@ def prune(
     model: nn.Module,
     calibration: torch.Tensor,
     ratio: float = 0.2,
-    schedule: str = "log_increase",
+    schedule: str | None = None,
     method: str = "slimgpt",
     *,
     reference_params: int | None = None,
@@ -138,7 +140,10 @@ def prune(
         ratio: fraction of the reference model's **total** parameters to remove (embeddings included in the
             count, never pruned).
         schedule: per-layer ratio shape: `uniform`, `linear` or `log_increase` (SlimGPT's incremental ratio).
-        method: registered method name (`slimgpt`, `magnitude`, ...).
+            None (default): `log_increase`, or the method's own allocation for methods that allocate widths
+            (flap, llm-surgeon, slimllm); giving a schedule to those is refused (see docs/methods.md).
+        method: registered method name (`slimgpt`, `magnitude`, `wanda-sp`, `flap`, `taylor`, `slimllm`,
+            `llm-surgeon`).
         reference_params: parameter count the ratio refers to (default: the model as passed). Iterative
             recipes pass the original dense count so that `ratio=0.35` means 35% of the original model.
         spread: `r_max / r_min` of the non-uniform schedules.
@@ -160,16 +165,32 @@ def prune(
                          f"{max_pos} positions: lower seqlen to at most {max_pos}")
     params_before = surgery.count_parameters(model)
     reference_params = reference_params or params_before
-    layer_plan = plan(model, ratio, schedule, reference_params, spread, max_layer_ratio, channel_multiple)
     pruner = get_method(method, **(method_kwargs or {}))
+    schedule = check_schedule(pruner, schedule)
+    layer_plan = plan(model, ratio, schedule or "uniform", reference_params, spread, max_layer_ratio, channel_multiple)
     dev = _resolve_device(device, model)
+    if pruner.adds_bias:
+        add_output_biases(model, adapter)
+        layer_plan = plan(model, ratio, schedule or "uniform", reference_params, spread, max_layer_ratio,
+                          channel_multiple)
     was_training = model.training
     model.eval()
     use_cache = getattr(model.config, "use_cache", None)
     times = PhaseTimes()
     try:
-        results = prune_layers(model, adapter, calibration, layer_plan.layers, pruner, dev, batch_size, progress,
-                               times=times)
+        budget = Budget(layer_shapes(model, adapter), ratio * reference_params - (reference_params -
+                        surgery.count_parameters(model)), ratio, reference_params, channel_multiple, max_layer_ratio)
+        if pruner.prunes_globally:
+            results = prune_global(model, adapter, calibration, pruner, budget.target_params, dev, progress,
+                                   max_layer_ratio or getattr(pruner, "max_layer_ratio", 0.9), times)
+        else:
+            t = time.perf_counter()
+            layers = pruner.prepare(model, adapter, calibration, budget, dev, batch_size)
+            times.extra["prepare"] = round(time.perf_counter() - t, 4)
+            if layers is None:
+                layers = layer_plan.layers
+            results = prune_layers(model, adapter, calibration, layers, pruner, dev, batch_size, progress,
+                                   times=times)
     finally:
         model.train(was_training)
     if use_cache is not None:
@@ -179,7 +200,8 @@ def prune(
         "method": pruner.name, "method_kwargs": method_kwargs or {}, "ratio": ratio, "schedule": schedule,
         "spread": spread, "max_layer_ratio": max_layer_ratio, "channel_multiple": channel_multiple,
         "num_samples": int(calibration.shape[0]), "seqlen": int(calibration.shape[1]), "batch_size": batch_size,
-        "device": str(dev), "model_type": model.config.model_type, "decoder_ratio": layer_plan.decoder_ratio,
+        "device": str(dev), "model_type": model.config.model_type,
+        "decoder_ratio": layer_plan.decoder_ratio if schedule else None,
     }
     return PruneReport(settings, params_before, surgery.count_parameters(model), reference_params, ratio, results,
                        time.perf_counter() - start, times.as_dict())

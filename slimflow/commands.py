@@ -16,7 +16,7 @@ def prune(
     calibration: str,
     output: str,
     ratio: float = 0.2,
-    schedule: str = "log_increase",
+    schedule: str | None = None,
     method: str = "slimgpt",
     num_samples: int = 128,
     seqlen: int = 2048,
@@ -42,7 +42,8 @@ def prune(
         calibration: local .txt/.json/.jsonl (optionally .gz) file, or a hub dataset name (e.g. c4, wikitext2).
         output: directory to write the pruned checkpoint to (must not exist unless --overwrite).
         ratio: fraction of the model's total parameters to remove, in (0, 1).
-        schedule: per-layer ratios: uniform, linear or log_increase.
+        schedule: per-layer ratios: uniform, linear or log_increase (default: log_increase). Methods that
+            allocate widths themselves (flap, llm-surgeon, slimllm) refuse a schedule.
         method: pruning method (slimgpt, magnitude, ...).
         num_samples: number of calibration sequences.
         seqlen: tokens per calibration sequence.
@@ -84,7 +85,7 @@ def prune(
     net = load_model(model, dtype=resolve_dtype(dtype, dev), device="cpu")
     source_dtype = getattr(net.config, "dtype", None) or torch.float32
     tokenizer = load_tokenizer(model)
-    plan(net, ratio, schedule, spread=spread, max_layer_ratio=max_layer_ratio, channel_multiple=channel_multiple)
+    plan(net, ratio, schedule or "uniform", spread=spread, max_layer_ratio=max_layer_ratio, channel_multiple=channel_multiple)
     max_pos = getattr(net.config, "max_position_embeddings", None)
     if max_pos and seqlen > max_pos:
         raise ValueError(f"--seqlen {seqlen} exceeds the model's {max_pos} positions: use --seqlen {max_pos} or less")
@@ -113,6 +114,135 @@ def prune(
     return {"output": str(out), "params_before": report.params_before, "params_after": report.params_after}
 
 
-def compare(*args, **kwargs):
-    """Prune one model with several methods and compare them (see docs/methods.md)."""
-    raise SystemExit("slimflow compare: not available yet")
+def compare(
+    *,
+    model: str,
+    calibration: str,
+    output: str,
+    methods: list[str] = ["slimgpt", "magnitude", "wanda-sp", "flap", "taylor", "slimllm", "llm-surgeon"],
+    ratios: list[float] = [0.2, 0.5],
+    num_samples: int = 128,
+    seqlen: int = 512,
+    sampling: str = "tail",
+    seed: int = 0,
+    grad_samples: int | None = None,
+    method_options: dict | None = None,
+    perplexity: list[str] = ["wikitext2:128"],
+    max_windows: int | None = 300,
+    batch_size: int = 8,
+    device: str = "auto",
+    dtype: str = "auto",
+    overwrite: bool = False,
+    progress: bool = False,
+) -> dict:
+    """Prune one model with several methods on the same calibration data and compare their perplexity.
+
+    Every (method, ratio) pair starts from a fresh copy of the model, uses the method's default allocation
+    (log_increase for layer-wise methods), and is evaluated with the same perplexity protocol. Writes
+    `comparison.md` (one table), `comparison.png` (perplexity per method and ratio) and `comparison.json`.
+
+    Args:
+        model: local model directory or hub id.
+        calibration: calibration text (local .txt/.json/.jsonl, optionally .gz, or a hub dataset name).
+        output: directory for the table, plot and JSON (must not exist unless --overwrite).
+        methods: methods to compare (see docs/methods.md).
+        ratios: fractions of the total parameters to remove.
+        num_samples: calibration sequences.
+        seqlen: tokens per calibration sequence.
+        sampling: random or tail (consecutive windows from the end of the text).
+        seed: seed of random sampling.
+        grad_samples: calibration sequences for the gradient methods (taylor, llm-surgeon); default all.
+        method_options: per-method options, e.g. '{"llm-surgeon": {"shots": 8}}'.
+        perplexity: perplexity specs NAME:WINDOW[:MAX_TOKENS], e.g. wikitext2:128 or path.txt.gz:128:400000.
+        max_windows: score only the first windows of each text.
+        batch_size: sequences per forward pass (pruning and evaluation).
+        device: auto, cpu, cuda, ...
+        dtype: dtype of the model while pruning and evaluating: auto (float32 on CPU), float32, bfloat16.
+        overwrite: replace an existing output directory.
+        progress: show progress bars.
+    """
+    import torch
+
+    from slimflow.api import prune as run_prune
+    from slimflow.data.calibration import calibration_ids
+    from slimflow.evaluation.perplexity import evaluate_perplexity
+    from slimflow.methods import get_method
+    from slimflow.models import load_model, load_tokenizer, resolve_device, resolve_dtype
+
+    arguments = dict(locals())
+    out = Path(output)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output directory {out} already exists: choose another --output or pass --overwrite")
+    options = method_options or {}
+    for name in methods:
+        get_method(name, **options.get(name, {}))  # unknown method or option: fail before any work
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    tokenizer = load_tokenizer(model)
+    logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
+    ids = calibration_ids(calibration, tokenizer, num_samples, seqlen, seed, sampling)
+    cache: dict = {}
+
+    def evaluate(net) -> dict:
+        return {spec: round(evaluate_perplexity(net, tokenizer, spec, batch_size=batch_size, max_windows=max_windows,
+                                                device=dev, progress=progress, texts_cache=cache).value, 3)
+                for spec in perplexity}
+
+    net = load_model(model, dtype=dt, device=dev)
+    rows = [{"method": "dense", "ratio": 0.0, "realised": 0.0, "params": sum(p.numel() for p in net.parameters()),
+             "seconds": 0.0, "samples": 0, "ppl": evaluate(net)}]
+    del net
+    for ratio in ratios:
+        for name in methods:
+            net = load_model(model, dtype=dt, device=dev)
+            pruner = get_method(name, **options.get(name, {}))
+            calib = ids[:grad_samples] if pruner.needs_gradients and grad_samples else ids
+            start = time.perf_counter()
+            report = run_prune(net, calib, ratio, None, pruner, batch_size=batch_size, device=dev, progress=progress)
+            seconds = time.perf_counter() - start
+            rows.append({"method": name, "ratio": ratio, "realised": round(report.realised_fraction, 4),
+                         "params": report.params_after, "seconds": round(seconds, 1), "samples": int(calib.shape[0]),
+                         "ppl": evaluate(net), "widths": [w.to_dict() for w in report.widths]})
+            print(f"{name} @ {ratio}: {rows[-1]['ppl']} ({seconds:.0f} s)", flush=True)
+            del net
+    out.mkdir(parents=True, exist_ok=True)
+    table = _comparison_table(rows, perplexity)
+    (out / "comparison.md").write_text(table)
+    (out / "comparison.json").write_text(json.dumps({"arguments": arguments, "rows": rows}, indent=2, default=str))
+    _comparison_plot(rows, perplexity, ratios, out / "comparison.png")
+    print(table)
+    return {"output": str(out), "rows": len(rows)}
+
+
+def _comparison_table(rows: list[dict], specs: list[str]) -> str:
+    head = "| method | target | removed | params | " + " | ".join(f"PPL {s}" for s in specs) + " | prune s | calib seqs |"
+    lines = [head, "|---|---:|---:|---:|" + "---:|" * len(specs) + "---:|---:|"]
+    for r in rows:
+        ppl = " | ".join(f"{r['ppl'][s]:.2f}" for s in specs)
+        lines.append(f"| {r['method']} | {r['ratio']:.0%} | {r['realised']:.2%} | {r['params']:,} | {ppl} "
+                     f"| {r['seconds']:.1f} | {r['samples']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _comparison_plot(rows: list[dict], specs: list[str], ratios: list[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [r["method"] for r in rows if r["ratio"] == ratios[0]]
+    dense = rows[0]["ppl"]
+    fig, axes = plt.subplots(1, len(specs), figsize=(6 * len(specs), 4), squeeze=False)
+    width = 0.8 / len(ratios)
+    for ax, spec in zip(axes[0], specs):
+        for k, ratio in enumerate(ratios):
+            values = [next(r["ppl"][spec] for r in rows if r["method"] == m and r["ratio"] == ratio) for m in methods]
+            ax.bar([i + k * width for i in range(len(methods))], values, width, label=f"{ratio:.0%} removed")
+        ax.axhline(dense[spec], color="grey", linestyle="--", label="dense")
+        ax.set_yscale("log")
+        ax.set_xticks([i + width * (len(ratios) - 1) / 2 for i in range(len(methods))], methods, rotation=30)
+        ax.set_title(f"perplexity, {Path(spec.split(':')[0]).name}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -88,6 +88,36 @@ def downdate_inverse(hinv: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     return new
 
 
+def remove_and_downdate(weight: torch.Tensor, hinv: torch.Tensor, cols: torch.Tensor):
+    """`obs_remove` and `downdate_inverse` in one step, for the greedy loops: one Cholesky of `G_MM` serves both,
+    and nothing is read back to the host (no device sync), so GPU loops run without stalls.
+
+    Returns `(new_weight, error, new_hinv, info)`: `error` is a 0-dim tensor, `info` the Cholesky status
+    (non-zero: `G_MM` not positive definite; check it once after the loop with `check_cholesky`).
+    """
+    g_m = hinv[cols, :]
+    chol, info = torch.linalg.cholesky_ex(g_m[:, cols])
+    w_m = weight[:, cols]
+    coef = torch.cholesky_solve(w_m.t(), chol).t()
+    new_weight = weight - coef @ g_m
+    new_weight[:, cols] = 0
+    error = 0.5 * (coef * w_m).sum()
+    new = hinv - g_m.t() @ torch.cholesky_solve(g_m, chol)
+    new[cols, :] = 0
+    new[:, cols] = 0
+    new[cols, cols] = 1
+    return new_weight, error, new, info
+
+
+def check_cholesky(info: torch.Tensor, what: str = "inverse Hessian block") -> None:
+    """Raise if any Cholesky status collected by a loop is non-zero (one host sync for the whole loop)."""
+    if bool((info != 0).any()):
+        raise SingularHessianError(
+            f"the {what} lost positive definiteness during removal: raise the damping (--damp) or use more "
+            "calibration data (--num-samples / --seqlen)."
+        )
+
+
 def obs_remove_sequential(weight: torch.Tensor, hinv: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Column-by-column elimination with the upper Cholesky factor of the permuted G (reference form).
 

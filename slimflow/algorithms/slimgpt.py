@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from slimflow.algorithms.obs import downdate_inverse, obs_remove
+from slimflow.algorithms.obs import check_cholesky, remove_and_downdate
 
 
 def diagonal_blocks(matrix: torch.Tensor, block: int) -> torch.Tensor:
@@ -25,15 +25,22 @@ def head_scores(weight: torch.Tensor, hinv: torch.Tensor, unit_size: int, exact:
     `½‖C_h⁻¹ W[:, B_h]ᵀ‖²`; `exact=False` the grouped-Cholesky diagonal approximation
     `½ Σ_j ‖W[:, j]‖² / (C_h)_jj²` of the SlimGPT paper.
     """
+    scores, info = _head_scores(weight, hinv, unit_size, exact)
+    check_cholesky(info, "inverse Hessian head block")
+    return scores
+
+
+def _head_scores(weight: torch.Tensor, hinv: torch.Tensor, unit_size: int, exact: bool):
+    """`head_scores` and the batched Cholesky status, without a host sync."""
     d_out, d_in = weight.shape
     n = d_in // unit_size
-    chol = torch.linalg.cholesky(diagonal_blocks(hinv, unit_size))
+    chol, info = torch.linalg.cholesky_ex(diagonal_blocks(hinv, unit_size))
     w_blocks = weight.reshape(d_out, n, unit_size).permute(1, 2, 0)  # [n, unit, d_out]
     if exact:
         solved = torch.linalg.solve_triangular(chol, w_blocks, upper=False)
-        return 0.5 * solved.pow(2).sum(dim=(1, 2))
+        return 0.5 * solved.pow(2).sum(dim=(1, 2)), info
     denom = torch.diagonal(chol, dim1=1, dim2=2).pow(2)  # [n, unit]
-    return 0.5 * (w_blocks.pow(2).sum(-1) / denom).sum(-1)
+    return 0.5 * (w_blocks.pow(2).sum(-1) / denom).sum(-1), info
 
 
 def prune_head_units(
@@ -43,19 +50,21 @@ def prune_head_units(
     n_units = weight.shape[1] // unit_size
     if not 0 <= n_remove < n_units:
         raise ValueError(f"cannot remove {n_remove} of {n_units} head units (at least one must stay)")
-    removed: list[int] = []
-    total = 0.0
+    # Everything stays on the device inside the loop (no host syncs); one read-back at the end.
+    alive = torch.ones(n_units, dtype=torch.bool, device=weight.device)
+    offsets = torch.arange(unit_size, device=weight.device)
+    units, total, info = [], weight.new_zeros(()), torch.zeros((), dtype=torch.int32, device=weight.device)
     for _ in range(n_remove):
-        scores = head_scores(weight, hinv, unit_size, exact=exact)
-        if removed:
-            scores[removed] = float("inf")
-        unit = int(torch.argmin(scores))
-        cols = torch.arange(unit * unit_size, (unit + 1) * unit_size, device=weight.device)
-        weight, err = obs_remove(weight, hinv, cols)
-        hinv = downdate_inverse(hinv, cols)
-        removed.append(unit)
-        total += err
-    return weight, removed, hinv, total
+        scores, bad = _head_scores(weight, hinv, unit_size, exact=exact)
+        unit = torch.argmin(scores.masked_fill(~alive, float("inf")))
+        weight, err, hinv, bad_m = remove_and_downdate(weight, hinv, unit * unit_size + offsets)
+        alive[unit] = False
+        units.append(unit)
+        total = total + err
+        info = info | bad.abs().amax() | bad_m.abs()
+    check_cholesky(info)
+    removed = torch.stack(units).tolist() if units else []
+    return weight, removed, hinv, float(total)
 
 
 def dgs_group_sizes(total: int, floor: int = 64, cap: int = 1024) -> list[int]:
@@ -78,15 +87,16 @@ def prune_channels_dgs(
     if not 0 <= n_remove < d_in:
         raise ValueError(f"cannot remove {n_remove} of {d_in} channels (at least one must stay)")
     alive = torch.ones(d_in, dtype=torch.bool, device=weight.device)
-    removed: list[int] = []
-    total = 0.0
+    groups, total, info = [], weight.new_zeros(()), torch.zeros((), dtype=torch.int32, device=weight.device)
     for cnt in dgs_group_sizes(n_remove, floor, cap) if n_remove else []:
         scores = 0.5 * weight.pow(2).sum(0) / torch.diagonal(hinv)
-        scores[~alive] = float("inf")
+        scores.masked_fill_(~alive, float("inf"))
         cols = torch.topk(scores, cnt, largest=False).indices.sort().values
-        weight, err = obs_remove(weight, hinv, cols)
-        hinv = downdate_inverse(hinv, cols)
+        weight, err, hinv, bad = remove_and_downdate(weight, hinv, cols)
         alive[cols] = False
-        removed.extend(cols.tolist())
-        total += err
-    return weight, removed, hinv, total
+        groups.append(cols)
+        total = total + err
+        info = info | bad.abs()
+    check_cholesky(info)
+    removed = torch.cat(groups).tolist() if groups else []
+    return weight, removed, hinv, float(total)

@@ -19,6 +19,7 @@ class Decision:
     removed: list[int]
     weight: torch.Tensor
     damping_added: float = 0.0
+    bias: torch.Tensor | None = None  # added to the projection's bias (methods with `adds_bias`)
 
 
 class PruningMethod:
@@ -31,12 +32,41 @@ class PruningMethod:
 
     name: str = ""
     compensates: bool = False
+    # Optional capabilities (defaults keep the plain layer-wise contract):
+    adds_bias: bool = False  # decisions carry `bias`; llama-family models get zero biases first
+    allocates_widths: bool = False  # `prepare` returns the per-layer plan; ratio schedules are refused
+    prunes_globally: bool = False  # the whole model at once through `global_shot` (see pipeline.prune_global)
+    needs_gradients: bool = False  # calibration runs backward passes through the model
+
+    def prepare(self, model, adapter, calibration: torch.Tensor, budget: "Budget", device, batch_size: int):
+        """Optional global step before the layer-wise pass (dense-model statistics, gradients).
+
+        Returns a per-layer plan (`list[LayerPlan]`) when the method allocates widths itself, else None."""
+        return None
+
+    def begin_layer(self, index: int, layer, adapter) -> None:
+        """Called before layer `index` is calibrated (methods may hook its modules here)."""
+
+    def end_layer(self, index: int, layer) -> None:
+        """Called after layer `index` is pruned and its outputs propagated."""
 
     def prune_heads(self, weight: torch.Tensor, stats: HessianAccumulator, unit_size: int, n_remove: int) -> Decision:
         raise NotImplementedError
 
     def prune_channels(self, weight: torch.Tensor, stats: HessianAccumulator, n_remove: int) -> Decision:
         raise NotImplementedError
+
+
+@dataclass
+class Budget:
+    """What a width-allocating method must remove: `target_params` parameters from layers of `shapes`."""
+
+    shapes: list  # list[LayerShape], current widths and the parameters per unit / channel
+    target_params: float
+    fraction: float
+    reference_params: int
+    channel_multiple: int = 1
+    max_layer_ratio: float | None = None
 
 
 def zero_columns(weight: torch.Tensor, cols: list[int]) -> torch.Tensor:

@@ -1,0 +1,176 @@
+"""LLM Surgeon (structured): Kronecker-factored curvature of the LM loss, global threshold, multi-shot.
+
+Per owning projection (`o_proj`, `down_proj`) the loss curvature is `F ≈ G ⊗ A`, with `G = E[ggᵀ]` over the
+gradients of the summed LM loss w.r.t. the projection's outputs and `A = E[aaᵀ]` over its inputs (each damped
+by `damp·mean(diag)`). Removing the input columns `C` of `W` (one head unit or one channel) costs
+
+    E_C = ½ tr(W[:, C]ᵀ G W[:, C] (A⁻¹_CC)⁻¹),      correlated update ΔW = −W[:, C](A⁻¹_CC)⁻¹ A⁻¹[C, :].
+
+The coupled rows (q/k/v rows of a head, gate/up rows of a channel) feed only those columns, so once they are
+zero the rows carry no signal and are deleted at no further cost. Costs are in loss units, so one threshold
+is comparable across layers: all units of all layers are ranked together by cost per parameter and the
+cheapest go until the shot's parameter target is met (widths are allocated by the method). Shot t of T removes up to `t/T` of the
+budget, re-estimating G and A on the already pruned model each time.
+
+Cost per shot: one forward + backward over the gradient calibration set (activation gradients only, no weight
+gradients), plus per layer the factors `G_o, G_d` (`d×d`), `A_o` (`d_attn×d_attn`), `A_d` (`m×m`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimflow.algorithms.obs import invert_hessian, obs_remove
+from slimflow.methods.base import Decision, PruningMethod, register
+from slimflow.methods.common import lm_backward_passes
+
+
+class KroneckerFactors:
+    """Running `Σ aaᵀ` (inputs) and `Σ ggᵀ` (output gradients) of one Linear, per token."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        self.a = torch.zeros(linear.in_features, linear.in_features, device=linear.weight.device)
+        self.g = torch.zeros(linear.out_features, linear.out_features, device=linear.weight.device)
+        self.tokens = 0
+        self.grad_tokens = 0
+        self.handle = linear.register_forward_hook(self._forward)
+
+    def _forward(self, module, args, out):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        self.a.addmm_(x.t(), x)
+        self.tokens += x.shape[0]
+        if out.requires_grad:
+            out.register_hook(self._backward)
+
+    def _backward(self, grad):
+        g = grad.detach().reshape(-1, grad.shape[-1]).float()
+        self.g.addmm_(g.t(), g)
+        self.grad_tokens += g.shape[0]
+
+    def factors(self, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(G, A)` as per-token means, each damped by `damp·mean(diag)`."""
+        self.handle.remove()
+        out = []
+        for m, n in ((self.g, self.grad_tokens), (self.a, self.tokens)):
+            m = m / max(n, 1)
+            m = m + damp * torch.diagonal(m).mean().clamp_min(1e-30) * torch.eye(m.shape[0], device=m.device)
+            out.append(m)
+        return out[0], out[1]
+
+
+def column_costs(weight: torch.Tensor, g: torch.Tensor, ainv: torch.Tensor, unit_size: int = 1) -> torch.Tensor:
+    """`½ tr(W_Cᵀ G W_C (A⁻¹_CC)⁻¹)` for every block `C` of `unit_size` contiguous columns."""
+    d_out, d_in = weight.shape
+    n = d_in // unit_size
+    if unit_size == 1:
+        return 0.5 * ((g @ weight) * weight).sum(0) / torch.diagonal(ainv)
+    m = (weight.t() @ g @ weight).reshape(n, unit_size, n, unit_size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    blocks = ainv.reshape(n, unit_size, n, unit_size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    return 0.5 * torch.linalg.solve(blocks, m).diagonal(dim1=1, dim2=2).sum(-1)
+
+
+def _unit_params(adapter, layer, kv: int) -> tuple[int, int]:
+    count = lambda ms: sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in ms)
+    mlp = adapter.mlp_projections(layer)
+    return count(adapter.attention_projections(layer)) // kv, count(mlp) // mlp[0].out_features
+
+
+@register
+class LLMSurgeon(PruningMethod):
+    """Structured LLM Surgeon with physical removal.
+
+    Args:
+        shots: number of shots T of the linear schedule (each removes up to t/T of the budget).
+        damp: relative damping of G and A.
+        grad_samples: calibration sequences used per shot (default: all).
+        grad_batch_size: sequences per forward/backward micro-batch.
+        max_layer_ratio: never remove more than this share of one layer's heads or channels.
+        per_param: rank units by cost per removed parameter (default). A head unit carries ~40× the
+            parameters of a channel, so raw costs (`per_param=False`) all but forbid removing heads.
+    """
+
+    name = "llm-surgeon"
+    compensates = True
+    allocates_widths = True
+    prunes_globally = True
+    needs_gradients = True
+
+    def __init__(self, shots: int = 5, damp: float = 0.01, grad_samples: int | None = None,
+                 grad_batch_size: int = 2, max_layer_ratio: float = 0.9, per_param: bool = True):
+        if shots < 1:
+            raise ValueError(f"shots must be ≥ 1, got {shots}")
+        self.shots = shots
+        self.damp = damp
+        self.grad_samples = grad_samples
+        self.grad_batch_size = grad_batch_size
+        self.max_layer_ratio = max_layer_ratio
+        self.per_param = per_param
+        self.losses: list[float] = []
+
+    def global_shot(self, model, adapter, calibration, remove_params: float, device, limits) -> dict:
+        """One shot: estimate the factors, rank every unit, choose the cheapest, return per-layer decisions.
+
+        `limits[i] = (max head units, max channels)` that layer i may still lose. Returns
+        `{layer: (head Decision or None, channel Decision or None)}`; each Decision's `cost` attribute holds
+        the summed Kronecker-factored costs of its units.
+        """
+        layers = adapter.layers(model)
+        acc = []
+        for layer in layers:
+            acc.append((KroneckerFactors(adapter.attention_projections(layer)[3]),
+                        KroneckerFactors(adapter.mlp_projections(layer)[2])))
+        ids = calibration[: self.grad_samples] if self.grad_samples else calibration
+        try:
+            self.losses.append(lm_backward_passes(model, ids, self.grad_batch_size, device))
+        finally:
+            for fo, fd in acc:
+                fo.handle.remove()
+                fd.handle.remove()
+        head_dim = adapter.head_dim(model)
+        entries, inverses = [], []
+        with torch.no_grad():
+            for i, (layer, (fo, fd)) in enumerate(zip(layers, acc)):
+                heads, kv = adapter.layer_heads(model, layer)
+                unit = (heads // kv) * head_dim
+                unit_p, chan_p = _unit_params(adapter, layer, kv)
+                o = adapter.attention_projections(layer)[3].weight.float()
+                down = adapter.mlp_projections(layer)[2].weight.float()
+                g_o, a_o = fo.factors(self.damp)
+                g_d, a_d = fd.factors(self.damp)
+                ainv_o, _ = invert_hessian(a_o, self.damp)
+                ainv_d, _ = invert_hessian(a_d, self.damp)
+                inverses.append((unit, ainv_o, ainv_d))
+                entries += [(c, i, 0, j, unit_p) for j, c in enumerate(column_costs(o, g_o, ainv_o, unit).tolist())]
+                entries += [(c, i, 1, j, chan_p) for j, c in enumerate(column_costs(down, g_d, ainv_d).tolist())]
+        entries.sort(key=lambda e: e[0] / e[4] if self.per_param else e[0])
+        chosen = {i: ([], []) for i in range(len(layers))}
+        costs = {i: [0.0, 0.0] for i in range(len(layers))}
+        removed = 0.0
+        for cost, i, kind, j, size in entries:
+            if removed >= remove_params:
+                break
+            if removed + size / 2 > remove_params or len(chosen[i][kind]) >= limits[i][kind]:
+                continue
+            chosen[i][kind].append(j)
+            costs[i][kind] += cost
+            removed += size
+        out = {}
+        with torch.no_grad():
+            for i, layer in enumerate(layers):
+                units, chans = sorted(chosen[i][0]), sorted(chosen[i][1])
+                unit, ainv_o, ainv_d = inverses[i]
+                head_d = chan_d = None
+                if units:
+                    o = adapter.attention_projections(layer)[3].weight.float()
+                    cols = torch.tensor([c for u in units for c in range(u * unit, (u + 1) * unit)], device=o.device)
+                    new, _ = obs_remove(o, ainv_o, cols)
+                    head_d = Decision(units, new)
+                    head_d.cost = costs[i][0]
+                if chans:
+                    down = adapter.mlp_projections(layer)[2].weight.float()
+                    new, _ = obs_remove(down, ainv_d, torch.tensor(chans, device=down.device))
+                    chan_d = Decision(chans, new)
+                    chan_d.cost = costs[i][1]
+                if head_d or chan_d:
+                    out[i] = (head_d, chan_d)
+        return out

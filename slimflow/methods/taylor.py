@@ -1,0 +1,103 @@
+"""First-order Taylor importance per head unit and FFN channel (LLM-Pruner style), from LM-loss gradients.
+
+One gradient pass over the calibration data on the dense model accumulates `g = ∂L/∂W` for every projection
+(`L` = summed next-token loss). A weight's importance is `|w·g|` (`param_first`); a head unit sums it over
+its q/k/v rows and `o_proj` columns, a channel over its gate/up rows and its `down_proj` column. `vectorize`
+takes `|Σ w·g|` per coupled group instead. Selection then follows the ratio schedule, layer by layer; no
+weight update.
+
+Cost: one forward + backward per calibration micro-batch and a gradient buffer as large as the seven
+projection weights (fp32: 4 bytes per decoder parameter).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimflow.methods.base import Decision, PruningMethod, register, unit_columns, zero_columns
+from slimflow.methods.common import lm_backward_passes, lowest
+
+
+def _reduce(products: list[torch.Tensor], mode: str) -> torch.Tensor:
+    """Sum per group: each tensor is `[groups, ...]`."""
+    if mode == "param_first":
+        return sum(p.abs().flatten(1).sum(1) for p in products)
+    if mode == "vectorize":
+        return sum(p.flatten(1).sum(1) for p in products).abs()
+    raise ValueError(f"taylor mode must be 'param_first' or 'vectorize', got {mode!r}")
+
+
+def head_importance(q, k, v, o, head_dim: int, groups: int, mode: str = "param_first") -> torch.Tensor:
+    """Importance of each KV-group unit from `(weight, grad)` pairs of q/k/v/o."""
+    n_kv = k[0].shape[0] // head_dim
+    unit = groups * head_dim
+    parts = [
+        (q[0] * q[1]).reshape(n_kv, unit, -1),
+        (k[0] * k[1]).reshape(n_kv, head_dim, -1),
+        (v[0] * v[1]).reshape(n_kv, head_dim, -1),
+        (o[0] * o[1]).reshape(o[0].shape[0], n_kv, unit).transpose(0, 1),
+    ]
+    return _reduce(parts, mode)
+
+
+def channel_importance(gate, up, down, mode: str = "param_first") -> torch.Tensor:
+    """Importance of each FFN channel from `(weight, grad)` pairs of gate/up/down."""
+    parts = [gate[0] * gate[1], up[0] * up[1], (down[0] * down[1]).t()]
+    return _reduce(parts, mode)
+
+
+@register
+class Taylor(PruningMethod):
+    """Gradient-based (first-order Taylor) structured importance.
+
+    Args:
+        mode: `param_first` (sum of `|w·g|`, default) or `vectorize` (`|Σ w·g|` per group).
+        grad_batch_size: sequences per forward/backward micro-batch (memory: activations of this many).
+    """
+
+    name = "taylor"
+    compensates = False
+    needs_gradients = True
+
+    def __init__(self, mode: str = "param_first", grad_batch_size: int = 2):
+        _reduce([torch.zeros(1, 1)], mode)
+        self.mode = mode
+        self.grad_batch_size = grad_batch_size
+        self.loss = None
+        self._heads: list[torch.Tensor] = []
+        self._channels: list[torch.Tensor] = []
+        self._index = 0
+
+    def prepare(self, model, adapter, calibration, budget, device, batch_size):
+        layers = adapter.layers(model)
+        mods = [(adapter.attention_projections(l), adapter.mlp_projections(l)) for l in layers]
+        weights = [m.weight for attn, mlp in mods for m in (*attn, *mlp)]
+        home = next(model.parameters()).device
+        model.to(device)
+        try:
+            self.loss = lm_backward_passes(model, calibration, self.grad_batch_size, device, weights)
+            head_dim = adapter.head_dim(model)
+            self._heads, self._channels = [], []
+            with torch.no_grad():
+                for layer, (attn, mlp) in zip(layers, mods):
+                    heads, kv = adapter.layer_heads(model, layer)
+                    pairs = [(m.weight.detach().float(), m.weight.grad.float()) for m in attn]
+                    self._heads.append(head_importance(*pairs, head_dim, heads // kv, self.mode).cpu())
+                    pairs = [(m.weight.detach().float(), m.weight.grad.float()) for m in mlp]
+                    self._channels.append(channel_importance(*pairs, self.mode).cpu())
+        finally:
+            for w in weights:
+                w.grad = None
+            model.to(home)
+        return None
+
+    def begin_layer(self, index, layer, adapter):
+        self._index = index
+
+    def prune_heads(self, weight, stats, unit_size, n_remove):
+        removed = lowest(self._heads[self._index], n_remove)
+        return Decision(removed, zero_columns(weight, unit_columns(removed, unit_size)))
+
+    def prune_channels(self, weight, stats, n_remove):
+        removed = lowest(self._channels[self._index], n_remove)
+        return Decision(removed, zero_columns(weight, removed))
