@@ -11,11 +11,11 @@ PPL=../shared/pretrain_corpus/part-007.txt.gz:128,wikitext2:128
 mkdir -p "$OUT"
 slimflow eval --model "$MODEL" --ppl "$PPL" --max-windows 300 --output "$OUT/dense" --progress false
 for ratio in 0.2 0.5; do
-  for variant in slimgpt slimgpt-cholesky magnitude; do
+  for variant in slimgpt slimgpt-exact magnitude; do
     name="$variant-${ratio/0./}"
     extra=()
     method=$variant
-    if [ "$variant" = slimgpt-cholesky ]; then method=slimgpt; extra=(--method-kwargs '{"exact_head_score": false}'); fi
+    if [ "$variant" = slimgpt-exact ]; then method=slimgpt; extra=(--method-kwargs '{"exact_head_score": true}'); fi
     start=$(date +%s.%N)
     slimflow prune --model "$MODEL" --calibration "$CAL" --sampling tail --num-samples 128 --seqlen 512 \
       --ratio "$ratio" --method "$method" "${extra[@]}" --output "$OUT/$name" --overwrite true --progress false > "$OUT/$name.log"
@@ -23,5 +23,5 @@ for ratio in 0.2 0.5; do
     slimflow eval --model "$OUT/$name" --ppl "$PPL" --max-windows 300 --output "$OUT/$name" --progress false > "$OUT/$name.eval.log"
   done
 done
-slimflow report "$OUT"/dense "$OUT"/slimgpt-2 "$OUT"/slimgpt-cholesky-2 "$OUT"/magnitude-2 \
-  "$OUT"/slimgpt-5 "$OUT"/slimgpt-cholesky-5 "$OUT"/magnitude-5 --output "$OUT/report"
+slimflow report "$OUT"/dense "$OUT"/slimgpt-2 "$OUT"/slimgpt-exact-2 "$OUT"/magnitude-2 \
+  "$OUT"/slimgpt-5 "$OUT"/slimgpt-exact-5 "$OUT"/magnitude-5 --output "$OUT/report"
