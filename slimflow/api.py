@@ -98,12 +98,24 @@ def layer_shapes(model: nn.Module, adapter: ModelAdapter) -> list[LayerShape]:
     return shapes
 
 
+def resolve_channel_multiple(model: nn.Module, adapter: ModelAdapter, channel_multiple: int | None) -> int:
+    """`None` means: 64 for FFNs of 4096 channels or more (odd GEMM widths fall off the fast GPU kernels and
+    can make a pruned model slower than the dense one; see docs/performance.md), else 1."""
+    if channel_multiple is not None:
+        if channel_multiple < 1:
+            raise ValueError(f"channel_multiple must be ≥ 1, got {channel_multiple}")
+        return channel_multiple
+    widest = max(adapter.layer_intermediate(layer) for layer in adapter.layers(model))
+    return 64 if widest >= 4096 else 1
+
+
 def plan(model: nn.Module, ratio: float, schedule: str = "log_increase", reference_params: int | None = None,
-         spread: float = 4.0, max_layer_ratio: float | None = None, channel_multiple: int = 1) -> Plan:
+         spread: float = 4.0, max_layer_ratio: float | None = None, channel_multiple: int | None = None) -> Plan:
     """Check a ratio/schedule against a model and return the per-layer plan, without any calibration work.
 
     Raises `ScheduleError` with the fix for an impossible request."""
     adapter = get_adapter(model)
+    channel_multiple = resolve_channel_multiple(model, adapter, channel_multiple)
     current = surgery.count_parameters(model)
     reference_params = reference_params or current
     return plan_layers(layer_shapes(model, adapter), ratio, reference_params, schedule, spread, max_layer_ratio,
@@ -126,7 +138,7 @@ def prune(
     reference_params: int | None = None,
     spread: float = 4.0,
     max_layer_ratio: float | None = None,
-    channel_multiple: int = 1,
+    channel_multiple: int | None = None,
     batch_size: int = 8,
     device: str | torch.device | None = None,
     progress: bool = True,
@@ -148,7 +160,8 @@ def prune(
             recipes pass the original dense count so that `ratio=0.35` means 35% of the original model.
         spread: `r_max / r_min` of the non-uniform schedules.
         max_layer_ratio: optional cap on any layer's ratio.
-        channel_multiple: keep FFN widths a multiple of this (e.g. 64 for tensor-core friendly shapes).
+        channel_multiple: keep FFN widths a multiple of this. Default: 64 for FFNs of ≥ 4096 channels (fast GPU
+            GEMM shapes), 1 for smaller models.
         batch_size: calibration sequences per forward pass.
         device: where each layer is processed (default: CUDA if available, else where the model is). The
             model may stay on the CPU; only the current layer is moved.
@@ -167,6 +180,7 @@ def prune(
     reference_params = reference_params or params_before
     pruner = get_method(method, **(method_kwargs or {}))
     schedule = check_schedule(pruner, schedule)
+    channel_multiple = resolve_channel_multiple(model, adapter, channel_multiple)
     layer_plan = plan(model, ratio, schedule or "uniform", reference_params, spread, max_layer_ratio, channel_multiple)
     dev = _resolve_device(device, model)
     if pruner.adds_bias:

@@ -27,7 +27,7 @@ def prune(
     method_kwargs: dict | None = None,
     spread: float = 4.0,
     max_layer_ratio: float | None = None,
-    channel_multiple: int = 1,
+    channel_multiple: int | None = None,
     batch_size: int = 8,
     device: str = "auto",
     dtype: str = "auto",
@@ -54,7 +54,7 @@ def prune(
         method_kwargs: further method options as a mapping, e.g. '{"exact_head_score": false}' for SlimGPT.
         spread: r_max / r_min of the linear and log_increase schedules.
         max_layer_ratio: optional cap on any single layer's ratio.
-        channel_multiple: keep each FFN width a multiple of this.
+        channel_multiple: keep each FFN width a multiple of this (default: 64 for FFNs of 4096+ channels, else 1).
         batch_size: calibration sequences per forward pass.
         device: where layers are processed: auto (CUDA if present), cpu, cuda, cuda:1, ...
         dtype: dtype used while pruning: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16.

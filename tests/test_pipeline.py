@@ -100,3 +100,13 @@ def test_unsupported_architecture_names_the_supported_ones():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(UnsupportedModelError, match="llama, mistral, qwen2"):
         slimflow.prune(model, calibration(), 0.2, progress=False)
+
+
+def test_large_ffns_keep_gpu_friendly_widths_by_default():
+    from slimflow.api import plan
+
+    wide = tiny_model("llama", intermediate_size=4096)
+    assert all((4096 - p.remove_channels) % 64 == 0 for p in plan(wide, 0.3).layers)
+    assert any((96 - p.remove_channels) % 64 for p in plan(tiny_model("llama"), 0.3).layers)
+    with pytest.raises(ValueError, match="channel_multiple"):
+        plan(wide, 0.3, channel_multiple=0)
