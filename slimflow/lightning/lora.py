@@ -1,0 +1,104 @@
+"""LoRA recovery: PEFT LoRA injected after each prune, merged before the next prune and at the end of training."""
+
+from __future__ import annotations
+
+from lightning.pytorch import LightningModule, Trainer
+from torch import nn
+
+from slimflow.lightning.access import (
+    SlimflowCallback, callback_state, get_model, notify, resume_checkpoint, set_model, slimflow_callbacks,
+)
+
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class LoRARecovery(SlimflowCallback):
+    """Trains a PEFT LoRA adapter on the pruned model (the pruned weights stay frozen).
+
+    LoRA wraps each Linear at its own (pruned) shape. It is injected right after each prune (or in `setup`
+    when the Trainer has no `StructuredPruning`), rebuilt from the checkpoint on resume, and merged into the
+    weights (`merge_and_unload`) before a later prune and in `on_train_end`, so evaluation and export see the
+    merged model. `Export` saves the adapter itself just before the final merge.
+
+    Args:
+        r: LoRA rank.
+        alpha: LoRA scaling numerator (`lora_alpha`).
+        dropout: dropout on the LoRA input.
+        target_modules: names (last path component) of the Linear modules that get an adapter.
+        bias: PEFT bias mode (`none`, `all`, `lora_only`).
+        merge: merge the adapter into the weights at the end of training.
+        model_attr: attribute of the LightningModule holding the Hugging Face model.
+    """
+
+    def __init__(self, r: int = 8, alpha: int = 16, dropout: float = 0.05, target_modules: list[str] | None = None,
+                 bias: str = "none", merge: bool = True, model_attr: str = "model"):
+        self.r, self.alpha, self.dropout, self.bias, self.merge = r, alpha, dropout, bias, merge
+        self.target_modules = list(target_modules or DEFAULT_TARGETS)
+        self.model_attr = model_attr
+        self.injected = False
+        self.merges = 0
+
+    def check(self, trainer, pl_module, model) -> None:
+        names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+        missing = [t for t in self.target_modules if t not in names]
+        if missing:
+            raise ValueError(f"LoRA target_modules {missing} match no Linear module of the model; "
+                             f"its Linear modules are named {sorted(names)}")
+        if self.r < 1:
+            raise ValueError(f"LoRA rank r must be >= 1, got {self.r}")
+
+    def lora_config(self):
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, bias=self.bias,
+                          target_modules=self.target_modules, task_type="CAUSAL_LM")
+
+    def inject(self, pl_module: LightningModule) -> None:
+        from peft import get_peft_model
+
+        model = get_model(pl_module, self.model_attr)
+        set_model(pl_module, self.model_attr, get_peft_model(model, self.lora_config()))
+        self.injected = True
+
+    def merge_now(self, trainer: Trainer, pl_module: LightningModule, final: bool) -> None:
+        peft_model = get_model(pl_module, self.model_attr)
+        notify(trainer, "on_before_merge", pl_module, peft_model, final)
+        set_model(pl_module, self.model_attr, peft_model.merge_and_unload())
+        self.injected = False
+        self.merges += 1
+
+    # ------------------------------------------------------------------------------------------- hooks
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        from slimflow.lightning.pruning import StructuredPruning
+
+        if self.injected or slimflow_callbacks(trainer, StructuredPruning):
+            return  # pruning drives injection (on_stage_start / on_architecture_restored)
+        checkpoint = resume_checkpoint(trainer)
+        if checkpoint is not None:
+            self.on_architecture_restored(trainer, pl_module, checkpoint)
+        elif stage == "fit":
+            self.check(trainer, pl_module, get_model(pl_module, self.model_attr))
+            self.inject(pl_module)
+
+    def on_stage_start(self, trainer, pl_module, stage) -> None:
+        self.inject(pl_module)
+
+    def on_stage_end(self, trainer, pl_module, stage) -> None:
+        if self.injected:
+            self.merge_now(trainer, pl_module, final=False)
+
+    def on_architecture_restored(self, trainer, pl_module, checkpoint) -> None:
+        state = callback_state(checkpoint, self)
+        if state and state.get("injected"):
+            self.inject(pl_module)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.injected and self.merge:
+            self.merge_now(trainer, pl_module, final=True)
+
+    def state_dict(self) -> dict:
+        return {"injected": int(self.injected), "merges": self.merges, "r": self.r,
+                "target_modules": self.target_modules}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.merges = state_dict.get("merges", 0)

@@ -1,0 +1,129 @@
+"""`CausalLMModule`: causal-LM finetuning of a Hugging Face model (AdamW, warmup + cosine, perplexity)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from lightning.pytorch import LightningModule
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics.text import Perplexity
+
+from slimflow.lightning.access import is_local_path
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0):
+    """LR multiplier: linear warmup over `warmup_steps`, then cosine decay to `min_lr_ratio` at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class CausalLMModule(LightningModule):
+    """Finetunes a Hugging Face causal LM on batches of `input_ids` / `attention_mask` / `labels`.
+
+    The model is loaded lazily in `configure_model` (slimflow callbacks trigger it in their `setup`), as float32
+    by default; use the Trainer's `precision: bf16-mixed` for mixed precision where the hardware has it.
+    Validation and test report `val_ppl` / `test_ppl` (torchmetrics `Perplexity`, ignoring label -100); batches
+    without `labels` are scored on all their tokens (held-out text windows).
+
+    Args:
+        pretrained: Hugging Face hub id or local directory of the model (and its tokenizer).
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        warmup_steps: optimizer steps of linear warmup.
+        min_lr_ratio: final learning rate as a fraction of `lr` (cosine decay).
+        dtype: dtype the weights are loaded in (`float32`, `bfloat16`, `float16`).
+        gradient_checkpointing: trade compute for activation memory.
+        attn_implementation: transformers attention backend (`sdpa`, `eager`, ...); default: transformers' choice.
+    """
+
+    def __init__(self, pretrained: str, lr: float = 1e-4, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 100, min_lr_ratio: float = 0.0,
+                 dtype: str = "float32", gradient_checkpointing: bool = False, attn_implementation: str | None = None):
+        super().__init__()
+        if is_local_path(pretrained) and not os.path.isfile(os.path.join(os.path.expanduser(pretrained), "config.json")):
+            raise FileNotFoundError(f"model directory {pretrained!r} not found (or it has no config.json)")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        self.save_hyperparameters()
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(pretrained)
+        self.model = None
+        self.val_ppl = Perplexity(ignore_index=-100)
+        self.test_ppl = Perplexity(ignore_index=-100)
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        from transformers import AutoModelForCausalLM
+
+        hp = self.hparams
+        kwargs = {"attn_implementation": hp.attn_implementation} if hp.attn_implementation else {}
+        self.model = AutoModelForCausalLM.from_pretrained(hp.pretrained, dtype=DTYPES[hp.dtype], **kwargs)
+        self.model.train()  # from_pretrained returns eval mode; Lightning keeps modules' modes as they are
+        if hp.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+            self.model.enable_input_require_grads()
+
+    def forward(self, **batch):
+        return self.model(**batch)
+
+    def training_step(self, batch: dict, batch_idx: int):
+        loss = self.model(**batch, use_cache=False).loss
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def _score(self, batch: dict, metric: Perplexity, name: str) -> None:
+        labels = batch.get("labels", batch["input_ids"])
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = self.model(**inputs, use_cache=False).logits[:, :-1].float()
+        metric.update(logits, labels[:, 1:])
+        self.log(name, metric, prog_bar=True, batch_size=labels.shape[0])
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._score(batch, self.val_ppl, "val_ppl")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._score(batch, self.test_ppl, "test_ppl")
+
+    def _schedule_steps(self) -> int:
+        """Optimizer steps this optimizer lives for: to the next prune event of a slimflow pruning callback
+        (each stage of an iterative recipe gets its own warmup and cosine), else to the end of training."""
+        trainer = self.trainer
+        total = int(trainer.estimated_stepping_batches)
+        for callback in trainer.callbacks:
+            span = getattr(callback, "stage_steps", None)
+            if span is not None and (steps := span(trainer)) is not None:
+                return steps
+        return total
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+        scheduler = LambdaLR(optimizer, warmup_cosine(hp.warmup_steps, self._schedule_steps(), hp.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # RNG state (dropout) so that a resumed run continues exactly like an uninterrupted one
+        checkpoint["slimflow_rng"] = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["slimflow_rng"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rng = checkpoint.get("slimflow_rng")
+        if rng:
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])

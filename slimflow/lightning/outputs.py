@@ -1,0 +1,176 @@
+"""End-of-run outputs: evaluation of the dense, pruned and finetuned model (`metrics.json`) and export."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from lightning.pytorch import LightningModule, Trainer
+
+from slimflow.lightning.access import (
+    SlimflowCallback, base_model, get_model, get_tokenizer, require_local, run_dir, slimflow_callbacks,
+)
+
+
+class Evaluation(SlimflowCallback):
+    """Evaluates the model with `slimflow.evaluation.evaluate_model` at the points that matter and writes
+    `metrics.json` to the run directory.
+
+    Measured: `dense` (before the first prune), `pruned` (after each prune, before LoRA), `finetuned` (before
+    the next prune and at the end of fit, after the LoRA merge). The file holds the final model's
+    `evaluate_model` dict at the top level (what `slimflow report` reads), `summary` (perplexity of the first
+    spec and parameter count for dense / pruned / finetuned), each full result, and `stages` for iterative
+    recipes. Measurements are kept in the callback state, so a resumed run still reports all of them.
+
+    Args:
+        ppl: perplexity specs `NAME:WINDOW` (`wikitext2:128`, `path/to/text.txt.gz:128`, ...).
+        tasks: zero-shot tasks (lm-eval), e.g. `[boolq, piqa, hellaswag]`; empty for none.
+        limit: documents per task (None: all).
+        batch_size: windows per forward pass.
+        max_windows: score at most this many windows per spec.
+        max_tokens: keep only the first tokens of each perplexity text (e.g. 400000).
+        dense: also evaluate the dense model before pruning.
+        filename: output file name in `dirpath`.
+        dirpath: output directory (default: the trainer's `default_root_dir`).
+        model_attr: attribute of the LightningModule holding the Hugging Face model.
+    """
+
+    def __init__(self, ppl: list[str] | None = None, tasks: list[str] | None = None, limit: int | None = None,
+                 batch_size: int = 8, max_windows: int | None = None, max_tokens: int | None = None,
+                 dense: bool = True, filename: str = "metrics.json", dirpath: str | None = None,
+                 model_attr: str = "model"):
+        from slimflow.evaluation.perplexity import PRESETS, parse_spec
+
+        self.ppl = list(ppl) if ppl is not None else ["wikitext2:128"]
+        self.tasks = list(tasks or [])
+        for spec in self.ppl:
+            name = parse_spec(spec)[0]
+            if name not in PRESETS:
+                require_local(name, "perplexity text")
+        self.limit, self.batch_size, self.max_windows, self.max_tokens = limit, batch_size, max_windows, max_tokens
+        self.dense, self.filename, self.dirpath, self.model_attr = dense, filename, dirpath, model_attr
+        self.results: dict = {"stages": []}
+        self._texts: dict = {}
+
+    # ------------------------------------------------------------------------------------------- measuring
+    def evaluate(self, trainer: Trainer, pl_module: LightningModule) -> dict:
+        """`evaluate_model` of the module's current model (perplexity texts are tokenised once per run)."""
+        from slimflow.evaluation.suite import evaluate_model
+        from slimflow.evaluation.perplexity import evaluate_perplexity
+
+        model = get_model(pl_module, self.model_attr)
+        tokenizer = get_tokenizer(trainer, pl_module, model)
+        hf_model = base_model(model)
+        started = time.perf_counter()
+        result = evaluate_model(hf_model, tokenizer, ppl=[], tasks=self.tasks, limit=self.limit,
+                                batch_size=self.batch_size, progress=False)
+        ppl_started = time.perf_counter()
+        for spec in self.ppl:  # evaluate_model has no cache across calls; the run reads each text once
+            result["perplexity"][spec] = evaluate_perplexity(
+                hf_model, tokenizer, spec, batch_size=self.batch_size, max_windows=self.max_windows,
+                max_tokens=self.max_tokens, progress=False, texts_cache=self._texts).to_dict()
+        result["protocol"].update(max_windows=self.max_windows, max_tokens=self.max_tokens)
+        result["seconds"].update(perplexity=round(time.perf_counter() - ppl_started, 1),
+                                 total=round(time.perf_counter() - started, 1))
+        return result
+
+    def _record(self, trainer, pl_module, name: str, stage: int | None = None) -> None:
+        result = self.evaluate(trainer, pl_module)
+        self.results[name] = result
+        if stage is not None:
+            stages = self.results["stages"]
+            while len(stages) <= stage:
+                stages.append({"stage": len(stages) + 1})
+            stages[stage][name] = result
+        if trainer.is_global_zero:
+            self.write(trainer)
+
+    def on_before_prune(self, trainer, pl_module, stage) -> None:
+        if stage == 0 and self.dense:
+            self._record(trainer, pl_module, "dense")
+        elif stage > 0:  # the previous stage's finetuned model; not the run's final result
+            self.results["stages"][stage - 1]["finetuned"] = self.evaluate(trainer, pl_module)
+
+    def on_after_prune(self, trainer, pl_module, stage, report) -> None:
+        self._record(trainer, pl_module, "pruned", stage)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        stages = self.results["stages"]
+        self._record(trainer, pl_module, "finetuned", len(stages) - 1 if stages else None)
+
+    # ------------------------------------------------------------------------------------------- output
+    def summary(self) -> dict:
+        out = {"spec": self.ppl[0] if self.ppl else None}
+        for name in ("dense", "pruned", "finetuned"):
+            if name in self.results:
+                r = self.results[name]
+                ppl = r["perplexity"].get(out["spec"], {}).get("value") if out["spec"] else None
+                out[name] = {"ppl": ppl, "parameters": r["model"]["parameters"], "average": r.get("average")}
+        return out
+
+    def write(self, trainer: Trainer) -> Path:
+        final = self.results.get("finetuned", {})
+        data = {**final, "summary": self.summary(), **self.results}
+        path = run_dir(trainer, self.dirpath) / self.filename
+        path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        return path
+
+    def state_dict(self) -> dict:
+        return {"results": json.loads(json.dumps(self.results, default=str))}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.results = state_dict["results"]
+
+
+class Export(SlimflowCallback):
+    """Exports the run's models under `dirpath` (default: `<default_root_dir>/export`):
+
+    - `model/`: the final merged model as a pruned checkpoint (`slimflow.checkpoint.save_pruned`; reload with
+      `slimflow.load_pruned` or `from_pretrained(..., trust_remote_code=True)`), written at the end of fit;
+    - `adapter/`: the LoRA adapter of the last stage (PEFT `save_pretrained`, safetensors), written just
+      before the final merge;
+    - `base/`: the pruned but not finetuned model the adapter belongs to, written right after the last prune.
+      `PeftModel.from_pretrained(load_pruned("base"), "adapter")` rebuilds the finetuned model.
+
+    Args:
+        dirpath: export directory.
+        merged: write `model/`.
+        adapter: write `adapter/`.
+        base: write `base/`.
+        model_attr: attribute of the LightningModule holding the Hugging Face model.
+    """
+
+    def __init__(self, dirpath: str | None = None, merged: bool = True, adapter: bool = True, base: bool = True,
+                 model_attr: str = "model"):
+        self.dirpath, self.merged, self.adapter, self.base, self.model_attr = dirpath, merged, adapter, base, model_attr
+
+    def _dir(self, trainer: Trainer) -> Path:
+        return Path(self.dirpath) if self.dirpath else run_dir(trainer) / "export"
+
+    @staticmethod
+    def _pruning(trainer):
+        from slimflow.lightning.pruning import StructuredPruning
+
+        found = slimflow_callbacks(trainer, StructuredPruning)
+        return found[0] if found else None
+
+    def _save(self, trainer, pl_module, name: str, model) -> None:
+        from slimflow.checkpoint import save_pruned
+
+        pruning = self._pruning(trainer)
+        tokenizer = get_tokenizer(trainer, pl_module, model)
+        save_pruned(base_model(model), self._dir(trainer) / name, tokenizer=tokenizer,
+                    report=pruning.last_report if pruning else None, overwrite=True)
+
+    def on_after_prune(self, trainer, pl_module, stage, report) -> None:
+        if self.base and stage == len(self._pruning(trainer).ratios) - 1 and trainer.is_global_zero:
+            self._save(trainer, pl_module, "base", get_model(pl_module, self.model_attr))
+
+    def on_before_merge(self, trainer, pl_module, peft_model, final) -> None:
+        if final and self.adapter and trainer.is_global_zero:
+            peft_model.save_pretrained(str(self._dir(trainer) / "adapter"), safe_serialization=True)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.merged and trainer.is_global_zero:
+            self._save(trainer, pl_module, "model", get_model(pl_module, self.model_attr))

@@ -1,0 +1,246 @@
+"""Calibration and structured pruning as Lightning callbacks (prune in `setup`, re-prune at epoch boundaries)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+
+from slimflow.lightning.access import (
+    SlimflowCallback, base_model, callback_state, get_model, get_tokenizer, notify, resume_checkpoint, run_dir,
+    slimflow_callbacks,
+)
+from slimflow.lightning.data import CalibrationData
+from slimflow.lightning.report import write_pruning_report
+
+
+@dataclass
+class RatioSchedule:
+    """How one stage's parameter ratio is spread over the layers (SlimGPT's `log_increase` prunes deep layers
+    more).
+
+    Args:
+        name: `uniform`, `linear` or `log_increase`.
+        spread: largest / smallest layer ratio of the non-uniform schedules.
+        max_layer_ratio: cap on any layer's ratio.
+        channel_multiple: keep FFN widths a multiple of this; null: 64 for FFNs of 4096+ channels (fast GPU
+            shapes), else 1.
+    """
+
+    name: Literal["uniform", "linear", "log_increase"] = "log_increase"
+    spread: float = 4.0
+    max_layer_ratio: float | None = None
+    channel_multiple: int | None = None
+
+    def kwargs(self) -> dict:
+        return {"schedule": self.name, "spread": self.spread, "max_layer_ratio": self.max_layer_ratio,
+                "channel_multiple": self.channel_multiple}
+
+
+class Calibration(SlimflowCallback):
+    """Draws the calibration sequences that `StructuredPruning` feeds through the model.
+
+    The sequences are drawn lazily, the first time a prune needs them (never on resume), from a
+    `CalibrationData` built from these arguments, with the tokenizer of the LightningModule.
+
+    Args:
+        source: local text/.gz/.json/.jsonl path or hub dataset (`allenai/c4`, alias `c4`, `wikitext2`).
+        num_samples: number of sequences.
+        seqlen: tokens per sequence.
+        seed: seed of the window offsets.
+        skip_tokens: tokens skipped at the start of the text (keep clear of an evaluation prefix).
+    """
+
+    def __init__(self, source: str = "c4", num_samples: int = 128, seqlen: int = 2048, seed: int = 0,
+                 skip_tokens: int = 0):
+        self.data = CalibrationData(source, None, num_samples, seqlen, seed, skip_tokens)
+        self.checksum = 0
+
+    def check(self, trainer, pl_module, model) -> None:
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit and self.data.seqlen > limit:
+            raise ValueError(f"Calibration seqlen={self.data.seqlen} exceeds the model's {limit} positions")
+
+    def ids(self, trainer: Trainer, pl_module: LightningModule, model) -> torch.Tensor:
+        ids = self.data.ids(get_tokenizer(trainer, pl_module, model))
+        self.checksum = int(ids.sum())
+        return ids
+
+    def state_dict(self) -> dict:
+        d = self.data
+        return {"num_samples": d.num_samples, "seqlen": d.seqlen, "seed": d.seed, "skip_tokens": d.skip_tokens,
+                "checksum": self.checksum}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.checksum = state_dict.get("checksum", 0)
+
+
+def _light_report(report) -> dict:
+    """The engine report without the per-layer kept-index lists (small enough for a Lightning checkpoint)."""
+    data = report.to_dict()
+    data["layers"] = [{k: v for k, v in layer.items() if k not in ("kept_units", "kept_channels")}
+                      for layer in data["layers"]]
+    data["markdown"] = report.to_markdown()
+    return data
+
+
+class StructuredPruning(SlimflowCallback):
+    """Prunes whole attention heads (KV groups) and FFN channels with the slimflow engine (`slimflow.api.prune`).
+
+    The first prune runs in `setup(stage="fit")`, before Lightning creates the optimizer. An iterative recipe
+    lists several cumulative ratios and the epochs at whose start each one is applied, e.g. `ratio: [0.2, 0.35]`,
+    `at_epochs: [0, 2]`: later prunes merge the current LoRA, prune, inject a fresh LoRA and rebuild the
+    optimizer (`trainer.strategy.setup_optimizers`; single-device strategies only). Each stage's optimizer gets
+    its own warmup + cosine (`CausalLMModule` asks `stage_steps`).
+
+    On resume the widths are read from the checkpoint in `setup` (the path must be known then: the slimflow CLI
+    sets `trainer.ckpt_path`; in plain Lightning assign `trainer.ckpt_path = path` before `trainer.fit`) and the
+    model is shrunk with `slimflow.surgery.apply_widths`, so nothing is pruned again before the weights load.
+
+    Needs a `Calibration` callback in the same Trainer. Writes `pruning_report.md`, `pruning_widths.png` and
+    `pruning.json` to `dirpath` (default: the trainer's `default_root_dir`).
+
+    Args:
+        ratio: fraction of the dense model's parameters removed, or one cumulative fraction per stage.
+        at_epochs: epoch at whose start each stage prunes (default `[0]`, i.e. in `setup`).
+        schedule: per-layer ratio schedule.
+        method: engine method (`slimgpt`, `magnitude`, ...).
+        method_kwargs: extra method arguments, e.g. `{damp: 0.01}` for SlimGPT.
+        batch_size: calibration sequences per forward pass.
+        device: where each layer is processed (default: CUDA if available).
+        model_attr: attribute of the LightningModule holding the Hugging Face model.
+        dirpath: where the pruning report goes.
+        progress: show per-layer progress bars.
+    """
+
+    def __init__(self, ratio: float | list[float] = 0.2, at_epochs: list[int] | None = None,
+                 schedule: RatioSchedule | None = None, method: str = "slimgpt", method_kwargs: dict | None = None,
+                 batch_size: int = 8, device: str | None = None, model_attr: str = "model",
+                 dirpath: str | None = None, progress: bool = True):
+        self.ratios = [float(r) for r in (ratio if isinstance(ratio, (list, tuple)) else [ratio])]
+        self.at_epochs = list(at_epochs) if at_epochs is not None else [0]
+        self.schedule = schedule or RatioSchedule()
+        self.method, self.method_kwargs = method, method_kwargs
+        self.batch_size, self.device, self.model_attr = batch_size, device, model_attr
+        self.dirpath, self.progress = dirpath, progress
+        if len(self.at_epochs) != len(self.ratios):
+            raise ValueError(f"{len(self.ratios)} ratios but {len(self.at_epochs)} at_epochs: give one epoch per stage")
+        if any(not 0 < r < 1 for r in self.ratios) or any(b <= a for a, b in zip(self.ratios, self.ratios[1:])):
+            raise ValueError(f"ratios must increase within (0, 1) (each is cumulative), got {self.ratios}")
+        if any(e < 0 for e in self.at_epochs) or any(b <= a for a, b in zip(self.at_epochs, self.at_epochs[1:])):
+            raise ValueError(f"at_epochs must increase from 0 upwards, got {self.at_epochs}")
+        self.stage = 0  # prunes done
+        self.dense_params: int | None = None
+        self.dense_widths: list[list[int]] = []
+        self.widths: list[list[int]] = []
+        self.reports: list[dict] = []
+        self._ready = False
+
+    # ------------------------------------------------------------------------------------------- checks
+    def check(self, trainer, pl_module, model) -> None:
+        from slimflow.api import plan
+
+        max_epochs = trainer.max_epochs
+        if max_epochs is not None and max_epochs >= 0 and self.at_epochs[-1] >= max_epochs:
+            raise ValueError(f"StructuredPruning prunes at epoch {self.at_epochs[-1]} but training stops after "
+                             f"max_epochs={max_epochs}: raise max_epochs or lower at_epochs")
+        if len(self.ratios) > 1 and trainer.world_size > 1:
+            raise ValueError("re-pruning between stages rebuilds the optimizer in place; run it on one device")
+        if not slimflow_callbacks(trainer, Calibration):
+            raise ValueError("StructuredPruning needs a slimflow.lightning.Calibration callback in the Trainer")
+        s = self.schedule
+        for ratio in self.ratios:  # each stage checked against the dense model, before any calibration work
+            plan(model, ratio, s.name, None, s.spread, s.max_layer_ratio, s.channel_multiple)
+
+    # ------------------------------------------------------------------------------------------- hooks
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._ready:
+            return
+        model = base_model(get_model(pl_module, self.model_attr))
+        checkpoint = resume_checkpoint(trainer)
+        state = callback_state(checkpoint, self)
+        if state and state.get("stage"):
+            from slimflow.api import record_widths
+            from slimflow.surgery import LayerWidths, apply_widths
+
+            self.load_state_dict(state)
+            widths = [LayerWidths(*w) for w in self.widths]
+            apply_widths(model, widths)
+            record_widths(model, widths)
+            notify(trainer, "on_architecture_restored", pl_module, checkpoint)
+        elif stage == "fit":
+            notify(trainer, "check", pl_module, model)
+            if self.at_epochs[0] == 0:
+                self.prune(trainer, pl_module)
+        self._ready = True
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.stage < len(self.ratios) and trainer.current_epoch >= self.at_epochs[self.stage]:
+            self.prune(trainer, pl_module)
+            trainer.strategy.setup_optimizers(trainer)
+
+    def stage_steps(self, trainer: Trainer) -> int | None:
+        """Optimizer steps from the current stage's start to the next prune (or the end of training)."""
+        total = int(trainer.estimated_stepping_batches)
+        if len(self.ratios) == 1 and self.at_epochs[0] == 0:
+            return None
+        per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+        start = self.at_epochs[self.stage - 1] * per_epoch if self.stage else 0
+        end = self.at_epochs[self.stage] * per_epoch if self.stage < len(self.ratios) else total
+        return max(1, min(end, total) - start)
+
+    # ------------------------------------------------------------------------------------------- pruning
+    def prune(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Run the next stage: notify, calibrate, prune in place, record, write the report, notify."""
+        from slimflow.api import prune
+        from slimflow.surgery import count_parameters, layer_widths
+
+        k = self.stage
+        if k > 0:
+            notify(trainer, "on_stage_end", pl_module, k - 1)
+        notify(trainer, "on_before_prune", pl_module, k)
+        model = base_model(get_model(pl_module, self.model_attr))  # LoRA (if any) was merged by now
+        if self.dense_params is None:
+            self.dense_params = count_parameters(model)
+            self.dense_widths = [list(w.to_dict().values()) for w in layer_widths(model)]
+        calibration = slimflow_callbacks(trainer, Calibration)[0].ids(trainer, pl_module, model)
+        with torch.no_grad():
+            report = prune(model, calibration, ratio=self.ratios[k], method=self.method,
+                           reference_params=self.dense_params, batch_size=self.batch_size, device=self.device,
+                           progress=self.progress, method_kwargs=self.method_kwargs, **self.schedule.kwargs())
+        self.stage = k + 1
+        self.widths = [list(w.to_dict().values()) for w in report.widths]
+        self.reports.append(_light_report(report))
+        if trainer.is_global_zero:
+            self.write_report(trainer)
+        notify(trainer, "on_after_prune", pl_module, k, report)
+        notify(trainer, "on_stage_start", pl_module, k)
+
+    def write_report(self, trainer: Trainer) -> None:
+        out = run_dir(trainer, self.dirpath)
+        (out / "pruning.json").write_text(json.dumps(self.state_dict(), indent=2) + "\n")
+        write_pruning_report(out, self.dense_params, self.dense_widths, self.reports)
+
+    @property
+    def last_report(self) -> dict | None:
+        return self.reports[-1] if self.reports else None
+
+    # ------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {"stage": self.stage, "ratios": self.ratios, "at_epochs": self.at_epochs,
+                "dense_params": self.dense_params, "dense_widths": self.dense_widths, "widths": self.widths,
+                "reports": self.reports}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict.get("ratios", self.ratios)[: state_dict["stage"]] != self.ratios[: state_dict["stage"]]:
+            raise ValueError(f"the checkpoint was pruned with ratios {state_dict['ratios']}, this run asks for "
+                             f"{self.ratios}: start a new run directory instead of resuming")
+        self.stage = state_dict["stage"]
+        self.dense_params = state_dict["dense_params"]
+        self.dense_widths = state_dict["dense_widths"]
+        self.widths = state_dict["widths"]
+        self.reports = state_dict["reports"]
