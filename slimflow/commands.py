@@ -161,6 +161,7 @@ def compare(
         overwrite: replace an existing output directory.
         progress: show progress bars.
     """
+    arguments = dict(locals())
     import torch
 
     from slimflow.api import prune as run_prune
@@ -169,7 +170,6 @@ def compare(
     from slimflow.methods import get_method
     from slimflow.models import load_model, load_tokenizer, resolve_device, resolve_dtype
 
-    arguments = dict(locals())
     out = Path(output)
     if out.exists() and not overwrite:
         raise FileExistsError(f"output directory {out} already exists: choose another --output or pass --overwrite")
