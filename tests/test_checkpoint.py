@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import require_shared
 import torch
 from safetensors import safe_open
 from tiny_models import FAMILIES, padded_batch, tiny_model, tiny_tokenizer
@@ -250,8 +251,8 @@ REFERENCE_MODEL = Path(__file__).resolve().parents[1] / ".." / "shared" / "model
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(not REFERENCE_MODEL.is_dir(), reason="needs ../shared/models/ref-llama-27m")
 def test_reference_model_round_trip(tmp_path):
+    require_shared(REFERENCE_MODEL)
     model = AutoModelForCausalLM.from_pretrained(REFERENCE_MODEL, dtype=torch.bfloat16).eval()
     tokenizer = AutoTokenizer.from_pretrained(REFERENCE_MODEL)
     adapter = get_adapter(model)
