@@ -100,7 +100,7 @@ def test_user_module_gains_pruning_lora_eval_export(assets, tmp_path):
     spec = f"{assets['text']}:32"
     callbacks = [
         Export(model_attr="net"),
-        Evaluation(ppl=[spec], max_windows=8, model_attr="net"),
+        Evaluation(ppl=[spec], max_windows=8, samples=2, sample_tokens=5, model_attr="net"),
         LoRARecovery(r=4, alpha=8, dropout=0.0, model_attr="net"),
         StructuredPruning(ratio=0.2, schedule=RatioSchedule("uniform"), model_attr="net", progress=False),
         Calibration(source=assets["text"], num_samples=8, seqlen=32),
@@ -118,6 +118,9 @@ def test_user_module_gains_pruning_lora_eval_export(assets, tmp_path):
     assert s["dense"]["parameters"] == dense_params and s["pruned"]["parameters"] == params
     assert s["finetuned"]["parameters"] == params and s["dense"]["ppl"] < s["pruned"]["ppl"]
     assert (tmp_path / "pruning_report.md").read_text().count("→") > 0 and (tmp_path / "pruning_widths.png").is_file()
+    samples = json.loads((tmp_path / "samples.json").read_text())
+    assert len(samples) == 2 and all(set(row) == {"prompt", "dense", "pruned", "finetuned"} for row in samples)
+    assert "**finetuned:**" in (tmp_path / "samples.md").read_text()
 
     # the exported merged model is the trained one; base + adapter rebuild it
     ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(5))

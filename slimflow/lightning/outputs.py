@@ -31,6 +31,9 @@ class Evaluation(SlimflowCallback):
         max_windows: score at most this many windows per spec.
         max_tokens: keep only the first tokens of each perplexity text (e.g. 400000).
         dense: also evaluate the dense model before pruning.
+        samples: answer this many fixed prompts greedily with the dense, pruned and finetuned model and write
+            them side by side to `samples.md` / `samples.json` (0: none).
+        sample_tokens: new tokens per generation sample.
         filename: output file name in `dirpath`.
         dirpath: output directory (default: the trainer's `default_root_dir`).
         model_attr: attribute of the LightningModule holding the Hugging Face model.
@@ -38,8 +41,8 @@ class Evaluation(SlimflowCallback):
 
     def __init__(self, ppl: list[str] | None = None, tasks: list[str] | None = None, limit: int | None = None,
                  batch_size: int = 8, max_windows: int | None = None, max_tokens: int | None = None,
-                 dense: bool = True, filename: str = "metrics.json", dirpath: str | None = None,
-                 model_attr: str = "model"):
+                 dense: bool = True, samples: int = 3, sample_tokens: int = 48, filename: str = "metrics.json",
+                 dirpath: str | None = None, model_attr: str = "model"):
         from slimflow.evaluation.perplexity import PRESETS, parse_spec
 
         self.ppl = list(ppl) if ppl is not None else ["wikitext2:128"]
@@ -50,6 +53,9 @@ class Evaluation(SlimflowCallback):
                 require_local(name, "perplexity text")
         self.limit, self.batch_size, self.max_windows, self.max_tokens = limit, batch_size, max_windows, max_tokens
         self.dense, self.filename, self.dirpath, self.model_attr = dense, filename, dirpath, model_attr
+        if samples < 0 or sample_tokens < 1:
+            raise ValueError(f"samples must be ≥ 0 and sample_tokens ≥ 1, got {samples} and {sample_tokens}")
+        self.samples, self.sample_tokens = samples, sample_tokens
         self.results: dict = {"stages": []}
         self._texts: dict = {}
 
@@ -75,8 +81,18 @@ class Evaluation(SlimflowCallback):
                                  total=round(time.perf_counter() - started, 1))
         return result
 
+    def _generate(self, trainer, pl_module) -> list[dict]:
+        from slimflow.evaluation.generation import DEFAULT_PROMPTS, generate_samples
+
+        model = get_model(pl_module, self.model_attr)
+        tokenizer = get_tokenizer(trainer, pl_module, model)
+        return generate_samples(base_model(model), tokenizer, DEFAULT_PROMPTS[: self.samples],
+                                max_new_tokens=self.sample_tokens)
+
     def _record(self, trainer, pl_module, name: str, stage: int | None = None) -> None:
         result = self.evaluate(trainer, pl_module)
+        if self.samples:
+            result["samples"] = self._generate(trainer, pl_module)
         self.results[name] = result
         if stage is not None:
             stages = self.results["stages"]
@@ -114,7 +130,26 @@ class Evaluation(SlimflowCallback):
         data = {**final, "summary": self.summary(), **self.results}
         path = run_dir(trainer, self.dirpath) / self.filename
         path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        if self.samples:
+            self.write_samples(path.parent)
         return path
+
+    def write_samples(self, directory: Path) -> None:
+        """`samples.json` and `samples.md`: each prompt with the dense, pruned and finetuned completions."""
+        names = [n for n in ("dense", "pruned", "finetuned") if "samples" in self.results.get(n, {})]
+        if not names:
+            return
+        rows = []
+        for i, first in enumerate(self.results[names[0]]["samples"]):
+            rows.append({"prompt": first["prompt"],
+                         **{n: self.results[n]["samples"][i]["completion"] for n in names}})
+        (directory / "samples.json").write_text(json.dumps(rows, indent=2) + "\n")
+        lines = ["# Generation samples (greedy)", ""]
+        for row in rows:
+            lines += ["## Prompt", "", "> " + row["prompt"].replace("\n", "\n> "), ""]
+            for n in names:
+                lines += [f"**{n}:** {row[n].strip()}", ""]
+        (directory / "samples.md").write_text("\n".join(lines))
 
     def state_dict(self) -> dict:
         return {"results": json.loads(json.dumps(self.results, default=str))}
