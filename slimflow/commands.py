@@ -70,6 +70,7 @@ def prune(
     from slimflow.checkpoint import save_pruned
     from slimflow.data.calibration import calibration_ids
     from slimflow.methods import get_method
+    from slimflow.methods.common import check_schedule
     from slimflow.models import load_model, load_tokenizer, resolve_device, resolve_dtype
     from slimflow.reporting import plot_widths
 
@@ -79,13 +80,14 @@ def prune(
     if not 0 < ratio < 1:
         raise ValueError(f"--ratio must be in (0, 1) (the fraction of parameters to remove), got {ratio}")
     method_kwargs = ({"damp": damp} if method == "slimgpt" else {}) | dict(method_kwargs or {})
-    get_method(method, **method_kwargs)  # unknown method: fail before loading anything
+    # unknown method or a schedule the method refuses: fail before loading anything
+    planned_schedule = check_schedule(get_method(method, **method_kwargs), schedule) or "uniform"
     start = time.perf_counter()
     dev = resolve_device(device)
     net = load_model(model, dtype=resolve_dtype(dtype, dev), device="cpu")
     source_dtype = getattr(net.config, "dtype", None) or torch.float32
     tokenizer = load_tokenizer(model)
-    plan(net, ratio, schedule or "uniform", spread=spread, max_layer_ratio=max_layer_ratio, channel_multiple=channel_multiple)
+    plan(net, ratio, planned_schedule, spread=spread, max_layer_ratio=max_layer_ratio, channel_multiple=channel_multiple)
     max_pos = getattr(net.config, "max_position_embeddings", None)
     if max_pos and seqlen > max_pos:
         raise ValueError(f"--seqlen {seqlen} exceeds the model's {max_pos} positions: use --seqlen {max_pos} or less")

@@ -55,6 +55,7 @@ def test_prune_writes_a_reloadable_checkpoint(workdir):
         (["--ratio", "0.85"], ValueError, "Lower the ratio|every head"),
         (["--seqlen", "4096"], ValueError, "positions"),
         (["--method", "nope"], ValueError, "available"),
+        (["--ratio", "0.75", "--calibration", "missing.txt"], ValueError, "every head|Lower the ratio"),  # planned before data
     ],
 )
 def test_bad_arguments_leave_no_output(workdir, extra, error, match):
