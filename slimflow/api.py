@@ -143,6 +143,7 @@ def prune(
     device: str | torch.device | None = None,
     progress: bool = True,
     method_kwargs: dict | None = None,
+    replay_attention: bool = True,
 ) -> PruneReport:
     """Physically remove head units and FFN channels from `model`, in place.
 
@@ -167,6 +168,8 @@ def prune(
             model may stay on the CPU; only the current layer is moved.
         progress: show a progress bar per layer.
         method_kwargs: extra arguments of the method (e.g. `{"damp": 0.01}` for SlimGPT).
+        replay_attention: reuse each layer's stored attention outputs after head removal instead of
+            recomputing attention (default; False gives the same result up to rounding, slower).
     """
     start = time.perf_counter()
     adapter = get_adapter(model)
@@ -204,7 +207,7 @@ def prune(
             if layers is None:
                 layers = layer_plan.layers
             results = prune_layers(model, adapter, calibration, layers, pruner, dev, batch_size, progress,
-                                   times=times)
+                                   times=times, replay_attention=replay_attention)
     finally:
         model.train(was_training)
     if use_cache is not None:

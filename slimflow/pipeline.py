@@ -1,18 +1,19 @@
-"""Sequential layer-by-layer calibration: capture layer-0 inputs once, then prune each layer on the outputs of
-the already-pruned layers before it (errors propagate, as in OBS-style one-shot pruning).
+"""Sequential layer-by-layer calibration: record every layer's own call arguments once, then prune each layer
+on the outputs of the already-pruned layers before it (errors propagate, as in OBS-style one-shot pruning).
 
 Per layer: (1) run to `o_proj`, accumulate its input Hessian, prune head units; (2) run to `down_proj`,
 accumulate, prune channels; (3) run the pruned layer to produce the next layer's inputs. Passes (1) and (2)
 stop at the hooked projection, so no work past it is done. Pass (1) also stores the `o_proj` inputs: removing
 head units leaves the kept heads' outputs unchanged, so passes (2) and (3) replay them through the pruned
-`o_proj` instead of recomputing q/k/v and attention (`_AttentionReplay`). Only the current layer needs to be
-on `device`; see docs/performance.md.
+`o_proj` instead of recomputing q/k/v and attention (`_AttentionReplay`, swapped in for the attention module
+while those passes run). Only the current layer needs to be on `device`; see docs/performance.md.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -24,11 +25,11 @@ from slimflow.adapters import ModelAdapter
 from slimflow.algorithms.hessian import HessianAccumulator
 from slimflow.algorithms.obs import output_error
 from slimflow.algorithms.schedules import LayerPlan
-from slimflow.methods.base import PruningMethod
+from slimflow.methods.base import Decision, PruningMethod
 
 
 class _Stop(Exception):
-    """Raised by a hook once it has what it needs, to skip the rest of a forward pass."""
+    """Raised once a pass has what it needs, to skip the rest of a forward pass."""
 
 
 @dataclass
@@ -65,89 +66,157 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@contextmanager
+def _timed(times: PhaseTimes, phase: str, device: torch.device):
+    t = time.perf_counter()
+    yield
+    _sync(device)
+    setattr(times, phase, getattr(times, phase) + time.perf_counter() - t)
+
+
+# --------------------------------------------------------------------------------------------- layer inputs
+@dataclass
+class LayerInputs:
+    """The calibration hidden states entering the current layer, and every layer's own call arguments.
+
+    `hidden` starts as layer 0's input and is overwritten by each layer's output as the pipeline advances.
+    `calls[i][b]` holds the keyword arguments the decoder passes to layer `i` for a batch of `b` sequences
+    (attention mask of the layer's type, rotary embeddings, ...); they are the same for every batch of one
+    size because calibration has no padding.
+    """
+
+    hidden: torch.Tensor
+    calls: list[dict[int, dict]]
+
+    def kwargs(self, index: int, batch_size: int) -> dict:
+        return self.calls[index][batch_size]
+
+
+class _CallRecorder(nn.Module):
+    """Swapped in for decoder layer `index` during capture: stores the layer's call arguments and passes the
+    hidden states through unchanged, so no layer computes anything. Attribute reads the decoder makes on
+    its layers (e.g. `attention_type`) go to the real layer."""
+
+    def __init__(self, layer: nn.Module, index: int, last: bool, sink: dict):
+        super().__init__()
+        object.__setattr__(self, "_real", layer)  # not registered: the real layer is neither moved nor owned
+        self.index, self.last, self.sink = index, last, sink
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_real"], name)
+
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        if len(args) > 1:
+            raise TypeError(f"{type(self._real).__name__} is called with positional arguments besides the hidden "
+                            "states; slimflow replays layer calls by keyword (the family needs an adapter override)")
+        if self.index == 0:
+            self.sink["hidden"] = hidden
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "cache", "use_cache")}
+        self.sink.setdefault("calls", {})[self.index] = kwargs | {"use_cache": False}
+        if self.last:
+            raise _Stop
+        return hidden
+
+
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor, batch_size: int,
-                         device: torch.device) -> tuple[torch.Tensor, dict[int, dict]]:
-    """Hidden states entering layer 0 for every sequence, and the layer kwargs (rotary embeddings, mask, ...)
-    keyed by batch size (they are identical for every batch of one size: no padding in calibration)."""
+                         device: torch.device) -> LayerInputs:
+    """Hidden states entering layer 0 for every sequence and, per layer, the arguments the decoder calls it
+    with. One pass of the decoder with every layer swapped for a `_CallRecorder`: only the embeddings, the
+    rotary embedding and the mask construction run (on `device`)."""
     decoder = adapter.decoder(model)
-    first = adapter.layers(model)[0]
+    layers = adapter.layers(model)
     moved = [m for m in decoder.children() if not isinstance(m, nn.ModuleList)]
     homes = [next(m.parameters(), torch.empty(0)).device for m in moved]
+    sink: dict = {}
+    real = list(layers)
+    for i, layer in enumerate(real):
+        layers[i] = _CallRecorder(layer, i, i == len(real) - 1, sink)
     for m in moved:
         m.to(device)
-    store: dict = {}
-
-    def catch(module, args, kwargs):
-        store["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-        store["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _Stop
-
-    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
-    chunks, kwargs_by_size = [], {}
+    chunks, calls = [], [dict() for _ in real]
     try:
         for start in range(0, input_ids.shape[0], batch_size):
             batch = input_ids[start : start + batch_size].to(device)
+            sink.clear()
             try:
                 decoder(input_ids=batch, use_cache=False)
             except _Stop:
                 pass
-            chunks.append(store["hidden"])
-            kwargs_by_size.setdefault(batch.shape[0], store["kwargs"])
+            chunks.append(sink["hidden"])
+            for i, kwargs in sink["calls"].items():
+                calls[i].setdefault(batch.shape[0], kwargs)
     finally:
-        handle.remove()
+        for i, layer in enumerate(real):
+            layers[i] = layer
         for m, home in zip(moved, homes):
             m.to(home)
-    for kw in kwargs_by_size.values():
-        kw["use_cache"] = False
-        kw.pop("past_key_values", None)
-    return torch.cat(chunks), kwargs_by_size
+    return LayerInputs(torch.cat(chunks), calls)
 
 
-class _AttentionReplay:
+# ------------------------------------------------------------------------------------------ attention replay
+class _AttentionReplay(nn.Module):
     """Stands in for a layer's attention block, returning `o_proj(stored o_proj inputs)` for the current batch.
 
     The stored inputs are the dense attention outputs of pass (1). Removing head units changes neither the
     kept heads' q/k/v nor their attention, so after head surgery the block's output is exactly
     `o_proj(stored[..., kept columns])`; the replay skips q/k/v projections and attention in passes (2) and (3).
+    It is swapped in for the attention module only while those passes run (`swapped_into`), so the attention
+    module itself, its `forward` and any hooks on it stay untouched.
     """
 
-    def __init__(self, attn: nn.Module, o_proj: nn.Module, inputs: torch.Tensor):
-        self.attn, self.o_proj, self.inputs = attn, o_proj, inputs
-        self.cols: torch.Tensor | None = None
+    def __init__(self, o_proj: nn.Module, inputs: torch.Tensor, cols: torch.Tensor | None = None):
+        super().__init__()
+        self.o_proj, self.inputs, self.cols = o_proj, inputs, cols
         self.span = (0, 0)
 
-    def _forward(self, *args, **kwargs):
+    def forward(self, *args, **kwargs):
         x = self.inputs[self.span[0] : self.span[1]]
         if self.cols is not None:
             x = x.index_select(-1, self.cols)
         return self.o_proj(x), None
 
-    def __enter__(self):
-        self.attn.forward = self._forward
-        return self
+    @contextmanager
+    def swapped_into(self, adapter: ModelAdapter, layer: nn.Module):
+        original = adapter.replace_attn(layer, self)
+        try:
+            yield self
+        finally:
+            adapter.replace_attn(layer, original)
 
-    def __exit__(self, *exc):
-        del self.attn.forward
+
+@contextmanager
+def _maybe_replay(replay: _AttentionReplay | None, adapter: ModelAdapter, layer: nn.Module):
+    if replay is None:
+        yield None
+    else:
+        with replay.swapped_into(adapter, layer):
+            yield replay
 
 
-def _batches(n: int, batch_size: int, replay: _AttentionReplay | None, span: list):
+def _batches(inputs: LayerInputs, index: int, batch_size: int, replay: _AttentionReplay | None):
+    """`(start, stop, batch, kwargs)` over the calibration sequences; keeps the replay on the same span."""
+    n = inputs.hidden.shape[0]
     for start in range(0, n, batch_size):
-        span[:] = [start, min(start + batch_size, n)]
+        stop = min(start + batch_size, n)
         if replay is not None:
-            replay.span = tuple(span)
-        yield start
+            replay.span = (start, stop)
+        yield start, stop, inputs.hidden[start:stop], inputs.kwargs(index, stop - start)
 
 
-def _run_to(layer: nn.Module, module: nn.Module, hidden: torch.Tensor, kwargs_by_size: dict, batch_size: int,
-            stats: HessianAccumulator, replay: _AttentionReplay | None = None,
+def _run_to(layer: nn.Module, index: int, module: nn.Module, inputs: LayerInputs, batch_size: int,
+            stats: HessianAccumulator, adapter: ModelAdapter, replay: _AttentionReplay | None = None,
             record: tuple[nn.Module, torch.Tensor] | None = None) -> None:
     """Feed all sequences through `layer` until `module`, accumulating statistics of `module`'s input.
 
     `replay` stands in for the attention block; `record=(m, buffer)` stores the inputs of module `m` in `buffer`."""
     span = [0, 0]
 
-    def hook(mod, args):
+    def stop_at(mod, args):
         stats.add(args[0])
         raise _Stop
 
@@ -155,13 +224,13 @@ def _run_to(layer: nn.Module, module: nn.Module, hidden: torch.Tensor, kwargs_by
     if record is not None:
         rec_module, buffer = record
         handles.append(rec_module.register_forward_pre_hook(lambda m, a: buffer[span[0] : span[1]].copy_(a[0])))
-    handles.append(module.register_forward_pre_hook(hook))
+    handles.append(module.register_forward_pre_hook(stop_at))
     try:
-        with replay or _nothing():
-            for start in _batches(hidden.shape[0], batch_size, replay, span):
-                batch = hidden[start : start + batch_size]
+        with _maybe_replay(replay, adapter, layer):
+            for start, stop, batch, kwargs in _batches(inputs, index, batch_size, replay):
+                span[:] = [start, stop]
                 try:
-                    layer(batch, **kwargs_by_size[batch.shape[0]])
+                    layer(batch, **kwargs)
                 except _Stop:
                     pass
     finally:
@@ -169,23 +238,16 @@ def _run_to(layer: nn.Module, module: nn.Module, hidden: torch.Tensor, kwargs_by
             handle.remove()
 
 
-def _propagate(layer: nn.Module, hidden: torch.Tensor, kwargs_by_size: dict, batch_size: int,
+def _propagate(layer: nn.Module, index: int, inputs: LayerInputs, batch_size: int, adapter: ModelAdapter,
                replay: _AttentionReplay | None = None) -> None:
-    with replay or _nothing():
-        for start in _batches(hidden.shape[0], batch_size, replay, [0, 0]):
-            batch = hidden[start : start + batch_size]
-            out = layer(batch, **kwargs_by_size[batch.shape[0]])
-            hidden[start : start + batch_size] = out[0] if isinstance(out, tuple) else out
+    """Overwrite `inputs.hidden` with the (pruned) layer's outputs: the next layer's calibration inputs."""
+    with _maybe_replay(replay, adapter, layer):
+        for start, stop, batch, kwargs in _batches(inputs, index, batch_size, replay):
+            out = layer(batch, **kwargs)
+            inputs.hidden[start:stop] = out[0] if isinstance(out, tuple) else out
 
 
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
+# ------------------------------------------------------------------------------------------ one layer's steps
 def _errors(old: torch.Tensor, new: torch.Tensor, removed_cols: list[int], stats: HessianAccumulator):
     h = stats.hessian.to(old.dtype)
     cols = torch.as_tensor(removed_cols, dtype=torch.long, device=old.device)
@@ -201,115 +263,164 @@ def _set_weight(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | No
         linear.bias.data.add_(bias.to(linear.bias.dtype))
 
 
+def _unit_columns(units: list[int], unit_size: int, device=None) -> torch.Tensor:
+    units = torch.as_tensor(units, dtype=torch.long, device=device)
+    return (units[:, None] * unit_size + torch.arange(unit_size, device=device)).reshape(-1)
+
+
+@dataclass
+class _LayerJob:
+    """Everything the steps of one layer share; `replay` is set once the attention outputs are stored."""
+
+    model: nn.Module
+    adapter: ModelAdapter
+    method: PruningMethod
+    inputs: LayerInputs
+    index: int
+    layer: nn.Module
+    plan: LayerPlan
+    last: bool
+    batch_size: int
+    device: torch.device
+    stats_dtype: torch.dtype
+    times: PhaseTimes
+    result: LayerResult
+    unit_size: int
+    replay_attention: bool = True
+    replay: _AttentionReplay | None = None
+
+    def attention_buffer(self, o_proj: nn.Linear) -> tuple[nn.Module, torch.Tensor]:
+        hidden = self.inputs.hidden
+        return o_proj, torch.empty(*hidden.shape[:-1], o_proj.in_features, dtype=hidden.dtype, device=self.device)
+
+
+def _start_layer(model, adapter, inputs, index, layer, plan, last, settings: dict) -> _LayerJob:
+    heads, kv = adapter.layer_heads(model, layer)
+    channels = adapter.layer_intermediate(layer)
+    result = LayerResult(index, plan.ratio, heads, list(range(kv)), channels, list(range(channels)),
+                         surgery.LayerWidths(heads, kv, channels))
+    return _LayerJob(model, adapter, inputs=inputs, index=index, layer=layer, plan=plan, last=last, result=result,
+                     unit_size=(heads // kv) * adapter.head_dim(model), **settings)
+
+
+def _collect_statistics(job: _LayerJob, module: nn.Linear, name: str, record=None) -> HessianAccumulator:
+    """Input statistics of `module` over all calibration sequences (pass (1) or (2))."""
+    with _timed(job.times, "statistics", job.device):
+        stats = HessianAccumulator(module.in_features, job.device, job.stats_dtype)
+        _run_to(job.layer, job.index, module, job.inputs, job.batch_size, stats, job.adapter, job.replay, record)
+        stats.check_finite(f"layer {job.index} {name}")
+    return stats
+
+
+def _record_errors(job: _LayerJob, old: torch.Tensor, decision: Decision, removed_cols: list[int], stats) -> tuple:
+    errors = _errors(old, decision.weight, removed_cols, stats)
+    job.result.damping_added = max(job.result.damping_added, decision.damping_added)
+    return errors
+
+
+def _remove_head_units(job: _LayerJob) -> None:
+    """Pass (1): `o_proj` statistics, the method's head decision, compensation, surgery; keeps the attention
+    outputs for the replay when a later pass of this layer needs them."""
+    o_proj = job.adapter.attention_projections(job.layer)[3]
+    later_pass = job.plan.remove_channels or not job.last
+    record = job.attention_buffer(o_proj) if job.replay_attention and later_pass else None
+    stats = _collect_statistics(job, o_proj, "o_proj", record)
+    with _timed(job.times, "selection", job.device):
+        old = o_proj.weight.detach().to(job.stats_dtype)
+        decision = job.method.prune_heads(old, stats, job.unit_size, job.plan.remove_units)
+        cols = _unit_columns(decision.removed, job.unit_size).tolist()
+        job.result.attn_error, job.result.attn_error_uncompensated = _record_errors(job, old, decision, cols, stats)
+    with _timed(job.times, "surgery", job.device):
+        _set_weight(o_proj, decision.weight, decision.bias)
+        removed = set(decision.removed)
+        job.result.kept_units = [u for u in range(len(job.result.kept_units)) if u not in removed]
+        surgery.prune_heads(job.adapter, job.layer, job.adapter.head_dim(job.model), job.result.kept_units)
+        if record is not None:
+            job.replay = _AttentionReplay(job.adapter.attention_projections(job.layer)[3], record[1],
+                                          _unit_columns(job.result.kept_units, job.unit_size, job.device))
+
+
+def _remove_channels(job: _LayerJob) -> None:
+    """Pass (2): `down_proj` statistics (attention replayed if pass (1) ran), decision, compensation, surgery."""
+    down = job.adapter.mlp_projections(job.layer)[2]
+    record = None
+    if job.replay_attention and job.replay is None and not job.last:  # no head pass: keep this pass's attention outputs for pass (3)
+        record = job.attention_buffer(job.adapter.attention_projections(job.layer)[3])
+    stats = _collect_statistics(job, down, "down_proj", record)
+    if record is not None:
+        job.replay = _AttentionReplay(record[0], record[1])
+    with _timed(job.times, "selection", job.device):
+        old = down.weight.detach().to(job.stats_dtype)
+        decision = job.method.prune_channels(old, stats, job.plan.remove_channels)
+        job.result.ffn_error, job.result.ffn_error_uncompensated = _record_errors(job, old, decision, decision.removed,
+                                                                           stats)
+    with _timed(job.times, "surgery", job.device):
+        _set_weight(down, decision.weight, decision.bias)
+        removed = set(decision.removed)
+        job.result.kept_channels = [c for c in range(len(job.result.kept_channels)) if c not in removed]
+        surgery.prune_channels(job.adapter, job.layer, job.result.kept_channels)
+
+
+def _propagate_outputs(job: _LayerJob) -> None:
+    """Pass (3): the pruned layer's outputs become the next layer's inputs."""
+    with _timed(job.times, "propagate", job.device):
+        if not job.last:
+            _propagate(job.layer, job.index, job.inputs, job.batch_size, job.adapter, job.replay)
+        job.replay = None
+
+
+def _finish_layer(job: _LayerJob) -> LayerResult:
+    heads, kv = job.adapter.layer_heads(job.model, job.layer)
+    job.result.widths = surgery.LayerWidths(heads, kv, job.adapter.layer_intermediate(job.layer))
+    return job.result
+
+
+@contextmanager
+def _layer_on(layer: nn.Module, device: torch.device, times: PhaseTimes):
+    """The layer on `device` while it is pruned, back home afterwards (time counted as `transfer`)."""
+    t = time.perf_counter()
+    home = next(layer.parameters()).device
+    layer.to(device, non_blocking=True)
+    transfer = time.perf_counter() - t
+    try:
+        yield layer
+    finally:
+        t = time.perf_counter()
+        layer.to(home)
+        times.extra["transfer"] = round(times.extra.get("transfer", 0.0) + transfer + time.perf_counter() - t, 4)
+
+
 @torch.no_grad()
 def prune_layers(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor, plans: list[LayerPlan],
                  method: PruningMethod, device: torch.device, batch_size: int = 8, progress: bool = True,
-                 stats_dtype: torch.dtype = torch.float32, times: PhaseTimes | None = None) -> list[LayerResult]:
-    """Prune every decoder layer in place according to `plans`; returns one `LayerResult` per layer."""
+                 stats_dtype: torch.dtype = torch.float32, times: PhaseTimes | None = None,
+                 replay_attention: bool = True) -> list[LayerResult]:
+    """Prune every decoder layer in place according to `plans`; returns one `LayerResult` per layer.
+
+    `replay_attention=False` recomputes attention in passes (2) and (3) instead of replaying the stored
+    `o_proj` inputs (same result up to rounding, slower; kept to check the replay)."""
     times = times or PhaseTimes()
     layers = adapter.layers(model)
-    head_dim = adapter.head_dim(model)
-    t0 = time.perf_counter()
-    hidden, kwargs_by_size = capture_layer_inputs(model, adapter, input_ids, batch_size, device)
-    _sync(device)
-    times.capture += time.perf_counter() - t0
+    with _timed(times, "capture", device):
+        inputs = capture_layer_inputs(model, adapter, input_ids, batch_size, device)
+    settings = dict(method=method, batch_size=batch_size, device=device, stats_dtype=stats_dtype, times=times,
+                    replay_attention=replay_attention)
     results = []
-    # Methods that hook modules in `begin_layer` see every pass run in full (no attention replay).
-    can_replay = type(method).begin_layer is PruningMethod.begin_layer
-    transfer = 0.0
     bar = tqdm(total=len(layers), desc="pruning layers", unit="layer", disable=not progress)
     for index, (layer, plan) in enumerate(zip(layers, plans)):
-        t = time.perf_counter()
-        home = next(layer.parameters()).device
-        layer.to(device, non_blocking=True)
-        transfer += time.perf_counter() - t
-        last = index == len(layers) - 1
-        replay, record = None, None
-        heads, kv = adapter.layer_heads(model, layer)
-        unit_size = (heads // kv) * head_dim
-        method.begin_layer(index, layer, adapter)
-        _, _, _, o_proj = adapter.attention_projections(layer)
-        channels = adapter.layer_intermediate(layer)
-        result = LayerResult(index, plan.ratio, heads, list(range(kv)), channels, list(range(channels)),
-                             surgery.LayerWidths(heads, kv, channels))
-
-        if plan.remove_units:
-            t = time.perf_counter()
-            stats = HessianAccumulator(o_proj.in_features, device, stats_dtype)
-            if can_replay and not (last and not plan.remove_channels):
-                record = (o_proj, torch.empty(*hidden.shape[:-1], o_proj.in_features, dtype=hidden.dtype,
-                                              device=device))
-            _run_to(layer, o_proj, hidden, kwargs_by_size, batch_size, stats, record=record)
-            stats.check_finite(f"layer {index} o_proj")
-            _sync(device)
-            times.statistics += time.perf_counter() - t
-            t = time.perf_counter()
-            old = o_proj.weight.detach().to(stats_dtype)
-            decision = method.prune_heads(old, stats, unit_size, plan.remove_units)
-            cols = [c for u in decision.removed for c in range(u * unit_size, (u + 1) * unit_size)]
-            result.attn_error, result.attn_error_uncompensated = _errors(old, decision.weight, cols, stats)
-            result.damping_added = max(result.damping_added, decision.damping_added)
-            _sync(device)
-            times.selection += time.perf_counter() - t
-            t = time.perf_counter()
-            _set_weight(o_proj, decision.weight, decision.bias)
-            result.kept_units = [u for u in range(kv) if u not in set(decision.removed)]
-            surgery.prune_heads(adapter, layer, head_dim, result.kept_units)
-            if record is not None:
-                o_proj = adapter.attention_projections(layer)[3]
-                replay = _AttentionReplay(adapter.attn(layer), o_proj, record[1])
-                replay.cols = (torch.as_tensor(result.kept_units, device=device)[:, None] * unit_size
-                               + torch.arange(unit_size, device=device)).reshape(-1)
-            times.surgery += time.perf_counter() - t
-            del stats
-
-        if plan.remove_channels:
-            _, _, down = adapter.mlp_projections(layer)
-            t = time.perf_counter()
-            stats = HessianAccumulator(down.in_features, device, stats_dtype)
-            record = None
-            if can_replay and replay is None and not last:  # no head pass: keep this pass's attention outputs
-                o_proj = adapter.attention_projections(layer)[3]
-                record = (o_proj, torch.empty(*hidden.shape[:-1], o_proj.in_features, dtype=hidden.dtype,
-                                              device=device))
-            _run_to(layer, down, hidden, kwargs_by_size, batch_size, stats, replay=replay, record=record)
-            if record is not None:
-                replay = _AttentionReplay(adapter.attn(layer), record[0], record[1])
-            stats.check_finite(f"layer {index} down_proj")
-            _sync(device)
-            times.statistics += time.perf_counter() - t
-            t = time.perf_counter()
-            old = down.weight.detach().to(stats_dtype)
-            decision = method.prune_channels(old, stats, plan.remove_channels)
-            result.ffn_error, result.ffn_error_uncompensated = _errors(old, decision.weight, decision.removed, stats)
-            result.damping_added = max(result.damping_added, decision.damping_added)
-            _sync(device)
-            times.selection += time.perf_counter() - t
-            t = time.perf_counter()
-            _set_weight(down, decision.weight, decision.bias)
-            removed = set(decision.removed)
-            result.kept_channels = [c for c in range(channels) if c not in removed]
-            surgery.prune_channels(adapter, layer, result.kept_channels)
-            times.surgery += time.perf_counter() - t
-            del stats
-
-        t = time.perf_counter()
-        if not last:
-            _propagate(layer, hidden, kwargs_by_size, batch_size, replay=replay)
-        del replay, record
-        _sync(device)
-        times.propagate += time.perf_counter() - t
-        heads_now, kv_now = adapter.layer_heads(model, layer)
-        result.widths = surgery.LayerWidths(heads_now, kv_now, adapter.layer_intermediate(layer))
-        method.end_layer(index, layer)
-        t = time.perf_counter()
-        layer.to(home)
-        transfer += time.perf_counter() - t
-        results.append(result)
-        bar.set_postfix(heads=heads_now, channels=result.widths.intermediate_size)
+        with _layer_on(layer, device, times):
+            job = _start_layer(model, adapter, inputs, index, layer, plan, index == len(layers) - 1, settings)
+            method.begin_layer(index, layer, adapter)
+            if plan.remove_units:
+                _remove_head_units(job)
+            if plan.remove_channels:
+                _remove_channels(job)
+            _propagate_outputs(job)
+            results.append(_finish_layer(job))
+            method.end_layer(index, layer)
+        bar.set_postfix(heads=job.result.widths.num_attention_heads, channels=job.result.widths.intermediate_size)
         bar.update()
     bar.close()
-    times.extra["transfer"] = round(times.extra.get("transfer", 0.0) + transfer, 4)
     return results
 
 

@@ -12,7 +12,6 @@ from tiny_models import tiny_model
 
 import slimflow
 from slimflow.algorithms.hessian import HessianAccumulator
-from slimflow.methods.slimgpt import SlimGPT
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -90,18 +89,12 @@ def test_gpu_bf16_pruning_close_to_cpu_fp32():
         assert rb.ffn_error == pytest.approx(ra.ffn_error, rel=0.1)
 
 
-class _NoReplay(SlimGPT):
-    """Overrides `begin_layer`, which turns the attention replay off: every pass recomputes attention."""
-
-    def begin_layer(self, index, layer, adapter):
-        pass
-
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attention_replay_equals_recomputation_on_gpu(dtype):
     a, b = bigger("llama_gqa", dtype).cuda(), bigger("llama_gqa", dtype).cuda()
     ra = slimflow.prune(a, calibration(), 0.3, device="cuda", progress=False)
-    rb = slimflow.prune(b, calibration(), 0.3, method=_NoReplay(), device="cuda", progress=False)
+    rb = slimflow.prune(b, calibration(), 0.3, replay_attention=False, device="cuda", progress=False)
     assert _decisions(ra) == _decisions(rb)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for pa, pb in zip(a.parameters(), b.parameters()):

@@ -7,6 +7,8 @@ import slimflow
 from slimflow.adapters import UnsupportedModelError
 from slimflow.algorithms.hessian import HessianAccumulator
 from slimflow.algorithms.schedules import ScheduleError
+from slimflow.adapters import get_adapter
+from slimflow.methods.slimgpt import SlimGPT
 from slimflow.pipeline import _run_to, capture_layer_inputs
 from tests.tiny_models import tiny_model
 
@@ -53,14 +55,137 @@ def test_layer_statistics_match_a_full_forward():
         model(ids[:4])
         model(ids[4:])
     handle.remove()
-    from slimflow.adapters import get_adapter
-
     adapter = get_adapter(model)
-    hidden, kwargs = capture_layer_inputs(model, adapter, ids, 4, torch.device("cpu"))
+    inputs = capture_layer_inputs(model, adapter, ids, 4, torch.device("cpu"))
     piped = HessianAccumulator(64, dtype=torch.float64)
     with torch.no_grad():
-        _run_to(model.model.layers[0], model.model.layers[0].self_attn.o_proj, hidden, kwargs, 4, piped)
+        _run_to(model.model.layers[0], 0, model.model.layers[0].self_attn.o_proj, inputs, 4, piped, adapter)
     torch.testing.assert_close(piped.hessian, direct.hessian, rtol=1e-5, atol=1e-6)
+
+
+# Families whose layers get different call arguments: Mistral's window, Qwen2's full + sliding layers (the
+# window only matters because the sequences are longer than it), and tied embeddings.
+PER_LAYER_CASES = {
+    "llama": ("llama", {}),
+    "llama_tied": ("llama", {"tie_word_embeddings": True}),
+    "mistral_window": ("mistral", {"sliding_window": 6}),
+    "qwen2_sliding": ("qwen2", {"use_sliding_window": True, "max_window_layers": 1, "sliding_window": 6}),
+}
+
+
+def _dense_layer_io(model, ids):
+    """Input and output of every decoder layer in one full forward of the model."""
+    seen = {}
+    hooks = [layer.register_forward_hook(
+        lambda m, a, k, out, i=i: seen.__setitem__(i, ((a[0] if a else k["hidden_states"]).clone(),
+                                                       (out[0] if isinstance(out, tuple) else out).clone())),
+        with_kwargs=True) for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("case", list(PER_LAYER_CASES))
+def test_every_layer_is_replayed_with_its_own_call_arguments(case, attn):
+    """Layer i, called with the captured arguments of layer i on the captured inputs, reproduces what the full
+    model feeds layer i+1 (a sliding-window layer replayed with a full-attention mask would not)."""
+    family, overrides = PER_LAYER_CASES[case]
+    model = tiny_model(family, attn_implementation=attn, **overrides)
+    ids = calibration(4, 20)
+    dense = _dense_layer_io(model, ids)
+    inputs = capture_layer_inputs(model, get_adapter(model), ids, 4, torch.device("cpu"))
+    torch.testing.assert_close(inputs.hidden, dense[0][0])
+    hidden = inputs.hidden
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            torch.testing.assert_close(hidden, dense[i][0], rtol=1e-5, atol=1e-5)
+            out = layer(hidden, **inputs.kwargs(i, 4))
+            hidden = out[0] if isinstance(out, tuple) else out
+    torch.testing.assert_close(hidden, dense[len(model.model.layers) - 1][1], rtol=1e-5, atol=1e-5)
+
+
+def test_sliding_window_layers_are_calibrated_with_their_window():
+    """The pruned Qwen2 model with sliding layers equals, layer by layer, what the pipeline saw: every layer's
+    o_proj Hessian (kept columns) matches a forward of the final model."""
+    family, overrides = PER_LAYER_CASES["qwen2_sliding"]
+    _check_statistics_follow_the_pruned_model(tiny_model(family, **overrides))
+
+
+class _Recording(SlimGPT):
+    """SlimGPT that keeps the statistics it was given, per layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def prune_heads(self, weight, stats, unit_size, n_remove):
+        self.seen.append({"o_proj": stats.hessian.clone(), "unit": unit_size})
+        return super().prune_heads(weight, stats, unit_size, n_remove)
+
+    def prune_channels(self, weight, stats, n_remove):
+        self.seen[-1]["down_proj"] = stats.hessian.clone()
+        return super().prune_channels(weight, stats, n_remove)
+
+
+def _check_statistics_follow_the_pruned_model(model, ids=None):
+    ids = calibration(8, 20) if ids is None else ids
+    method = _Recording()
+    report = slimflow.prune(model, ids, 0.3, schedule="uniform", method=method, batch_size=4, progress=False)
+    final = [{"o_proj": HessianAccumulator(l.self_attn.o_proj.in_features, dtype=torch.float64),
+              "down_proj": HessianAccumulator(l.mlp.down_proj.in_features, dtype=torch.float64)}
+             for l in model.model.layers]
+    hooks = []
+    for layer, acc in zip(model.model.layers, final):
+        hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, h=acc["o_proj"]: h.add(a[0].double())))
+        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(lambda m, a, h=acc["down_proj"]: h.add(a[0].double())))
+    with torch.no_grad():
+        model(ids[:4])
+        model(ids[4:])
+    for h in hooks:
+        h.remove()
+    for i, (seen, acc, result) in enumerate(zip(method.seen, final, report.layers)):
+        cols = torch.cat([torch.arange(u * seen["unit"], (u + 1) * seen["unit"]) for u in result.kept_units])
+        torch.testing.assert_close(seen["o_proj"][cols][:, cols].double(), acc["o_proj"].hessian, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m: f"layer {i} o_proj: {m}")
+        chans = torch.tensor(result.kept_channels)
+        torch.testing.assert_close(seen["down_proj"][chans][:, chans].double(), acc["down_proj"].hessian, rtol=1e-4,
+                                   atol=1e-5, msg=lambda m: f"layer {i} down_proj: {m}")
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "mistral"])
+def test_each_layer_is_calibrated_on_the_outputs_of_the_pruned_layers_before_it(family):
+    """Without propagation (or propagating dense outputs) the later layers' statistics would not match a
+    forward of the final pruned model."""
+    _check_statistics_follow_the_pruned_model(tiny_model(family))
+
+
+def test_user_hooks_on_attention_survive_pruning():
+    """An accelerate hook on an attention block still runs after `slimflow.prune` (the replay swaps modules
+    instead of patching `forward`)."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class Count(ModelHook):
+        def __init__(self):
+            self.calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            self.calls += 1
+            return args, kwargs
+
+    model = tiny_model("llama_gqa")
+    hooks = [Count() for _ in model.model.layers]
+    for layer, hook in zip(model.model.layers, hooks):
+        add_hook_to_module(layer.self_attn, hook)
+    slimflow.prune(model, calibration(8, 16), 0.3, schedule="uniform", batch_size=4, progress=False)
+    during = [h.calls for h in hooks]
+    assert during == [2] * len(hooks)  # pass (1) of each layer runs attention once per batch, later passes replay
+    with torch.no_grad():
+        model(calibration(2, 8, seed=3))
+    assert [h.calls for h in hooks] == [c + 1 for c in during]
+    assert all(hasattr(layer.self_attn, "_hf_hook") for layer in model.model.layers)
 
 
 def test_magnitude_uses_same_widths_without_compensation():

@@ -40,6 +40,12 @@ class ModelAdapter:
     def attn(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.attention)
 
+    def replace_attn(self, layer: nn.Module, module: nn.Module) -> nn.Module:
+        """Put `module` in the place of the layer's attention block; returns the block it replaced."""
+        old = self.attn(layer)
+        setattr(layer, self.attention, module)
+        return old
+
     def ffn(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.mlp)
 
