@@ -6,6 +6,8 @@ from slimflow.lightning.callbacks import (
 )
 from slimflow.lightning.data import CalibrationData, InstructionData, TextEvalData
 from slimflow.lightning.module import CausalLMModule
+from slimflow.lightning.restore import restore_architecture
 
 __all__ = ["Calibration", "CalibrationData", "CausalLMModule", "Evaluation", "Export", "InstructionData",
-           "LoRARecovery", "RatioSchedule", "SlimflowCallback", "StructuredPruning", "TextEvalData"]
+           "LoRARecovery", "RatioSchedule", "SlimflowCallback", "StructuredPruning", "TextEvalData",
+           "restore_architecture"]

@@ -94,16 +94,49 @@ def require_local(source: str | None, what: str) -> None:
 
 
 def resume_checkpoint(trainer: Trainer) -> dict | None:
-    """The checkpoint this run will restore, read before Lightning restores it, or None.
+    """The checkpoint this run will restore, read in `setup` (before Lightning restores it), or None.
 
     Lightning 2.6 resolves `fit(ckpt_path=...)` only after every `setup` hook has run, so at `setup` time the
     path is known only if it was assigned to `trainer.ckpt_path` before the call (the slimflow CLI does this
-    for `--ckpt_path`). The file is memory-mapped, so reading a few keys of a large checkpoint is cheap.
+    for `--ckpt_path`). A `trainer.ckpt_path` left over from an earlier call that was given `ckpt_path=` is not
+    what the coming call restores, so only an assigned one counts. The file is memory-mapped, so reading a few
+    keys of a large checkpoint is cheap.
     """
     path = trainer.ckpt_path
-    if not path or not os.path.isfile(path):
+    if not path or not getattr(trainer._checkpoint_connector, "_user_managed", True) or not os.path.isfile(path):
         return None
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def before_strategy_setup(trainer: Trainer, work) -> None:
+    """Run `work()` once, just before `trainer.strategy.setup` in the current `fit`.
+
+    That is the one point where both hold: any checkpoint of `fit(ckpt_path=...)` has been restored (module,
+    then callback state), and the strategy has not yet moved, wrapped (DDP) or built the optimizer over the
+    model. Lightning has no hook there (`Callback.setup` runs before the checkpoint path is even known), so
+    the strategy's `setup` is wrapped for one call. Strategies that restore checkpoints only after their
+    `setup` (FSDP, DeepSpeed) run `work()` at once instead.
+    """
+    strategy = trainer.strategy
+    if strategy.restore_checkpoint_after_setup:
+        work()
+        return
+    cancel_before_strategy_setup(trainer)
+    original = strategy.setup
+
+    def setup(*args, **kwargs):
+        cancel_before_strategy_setup(trainer)
+        work()
+        return original(*args, **kwargs)
+
+    setup.slimflow_deferred = True
+    strategy.setup = setup
+
+
+def cancel_before_strategy_setup(trainer: Trainer) -> None:
+    """Remove a pending `before_strategy_setup` (a `fit` that failed before reaching the strategy)."""
+    if getattr(trainer.strategy.__dict__.get("setup"), "slimflow_deferred", False):
+        del trainer.strategy.setup
 
 
 def callback_state(checkpoint: dict | None, callback: Callback) -> dict | None:
@@ -135,7 +168,8 @@ prune sends `on_stage_end` (not before the first), `on_before_prune`, `on_after_
         """The pruned model of stage `stage` is about to be finetuned (adapters are injected here)."""
 
     def on_architecture_restored(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
-        """Called on resume, after the pruned widths of `checkpoint` were applied and before its weights load."""
+        """Called when `slimflow.lightning.restore_architecture` rebuilt the module's model to the widths and
+        LoRA wrapping recorded in `checkpoint`, before its weights load (callback state is restored later)."""
 
     def on_before_merge(self, trainer: Trainer, pl_module: LightningModule, peft_model, final: bool) -> None:
         """Called before LoRA weights are merged (`final`: at the end of training, not between stages)."""

@@ -5,9 +5,8 @@ from __future__ import annotations
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 
-from slimflow.lightning.access import (
-    SlimflowCallback, callback_state, get_model, notify, resume_checkpoint, set_model, slimflow_callbacks,
-)
+from slimflow.lightning.access import SlimflowCallback, get_model, notify, set_model, slimflow_callbacks
+from slimflow.lightning.restore import is_peft, restore_known_checkpoint, save_architecture
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -16,9 +15,10 @@ class LoRARecovery(SlimflowCallback):
     """Trains a PEFT LoRA adapter on the pruned model (the pruned weights stay frozen).
 
     LoRA wraps each Linear at its own (pruned) shape. It is injected right after each prune (or in `setup`
-    when the Trainer has no `StructuredPruning`), rebuilt from the checkpoint on resume, and merged into the
-    weights (`merge_and_unload`) before a later prune and in `on_train_end`, so evaluation and export see the
-    merged model. `Export` saves the adapter itself just before the final merge.
+    when no prune is to come: no `StructuredPruning`, or a further `fit` of a pruned module), rebuilt from the
+    checkpoint on resume (`slimflow.lightning.restore`), and merged into the weights (`merge_and_unload`)
+    before a later prune and in `on_train_end`, so evaluation and export see the merged model. `Export` saves
+    the adapter itself just before the final merge.
 
     Args:
         r: LoRA rank.
@@ -71,14 +71,15 @@ class LoRARecovery(SlimflowCallback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         from slimflow.lightning.pruning import StructuredPruning
 
-        if self.injected or slimflow_callbacks(trainer, StructuredPruning):
-            return  # pruning drives injection (on_stage_start / on_architecture_restored)
-        checkpoint = resume_checkpoint(trainer)
-        if checkpoint is not None:
-            self.on_architecture_restored(trainer, pl_module, checkpoint)
-        elif stage == "fit":
-            self.check(trainer, pl_module, get_model(pl_module, self.model_attr))
-            self.inject(pl_module)
+        restore_known_checkpoint(trainer, pl_module)
+        self.injected = is_peft(get_model(pl_module, self.model_attr))  # this module, whatever came before
+        if stage != "fit" or self.injected:
+            return
+        if any(p.pending() for p in slimflow_callbacks(trainer, StructuredPruning)):
+            return  # the prune injects (on_stage_start), or a restored checkpoint does (on_architecture_restored)
+        # No prune to come (LoRA alone, or a further fit of an already pruned module): finetune a fresh adapter.
+        self.check(trainer, pl_module, get_model(pl_module, self.model_attr))
+        self.inject(pl_module)
 
     def on_stage_start(self, trainer, pl_module, stage) -> None:
         self.inject(pl_module)
@@ -88,9 +89,10 @@ class LoRARecovery(SlimflowCallback):
             self.merge_now(trainer, pl_module, final=False)
 
     def on_architecture_restored(self, trainer, pl_module, checkpoint) -> None:
-        state = callback_state(checkpoint, self)
-        if state and state.get("injected"):
-            self.inject(pl_module)
+        self.injected = is_peft(get_model(pl_module, self.model_attr))
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        save_architecture(pl_module, checkpoint, self.model_attr)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.injected and self.merge:

@@ -11,6 +11,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.text import Perplexity
 
 from slimflow.lightning.access import is_local_path
+from slimflow.lightning.restore import restore_architecture
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -33,7 +34,9 @@ class CausalLMModule(LightningModule):
     The model is loaded lazily in `configure_model` (slimflow callbacks trigger it in their `setup`), as float32
     by default; use the Trainer's `precision: bf16-mixed` for mixed precision where the hardware has it.
     Validation and test report `val_ppl` / `test_ppl` (torchmetrics `Perplexity`, ignoring label -100); batches
-    without `labels` are scored on all their tokens (held-out text windows).
+    without `labels` are scored on all their tokens (held-out text windows). Checkpoints of a pruned and
+    LoRA-wrapped run restore into a fresh module (`load_from_checkpoint`, `Trainer(...).test(ckpt_path=...)`):
+    `on_load_checkpoint` rebuilds the recorded architecture first (`slimflow.lightning.restore`).
 
     Args:
         pretrained: Hugging Face hub id or local directory of the model (and its tokenizer).
@@ -122,6 +125,7 @@ class CausalLMModule(LightningModule):
             checkpoint["slimflow_rng"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        restore_architecture(self, checkpoint)  # pruned widths and LoRA wrapping, before the weights load
         rng = checkpoint.get("slimflow_rng")
         if rng:
             torch.set_rng_state(rng["cpu"])

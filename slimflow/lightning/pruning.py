@@ -11,11 +11,12 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 
 from slimflow.lightning.access import (
-    SlimflowCallback, base_model, callback_state, get_model, get_tokenizer, notify, resume_checkpoint, run_dir,
-    slimflow_callbacks,
+    SlimflowCallback, base_model, before_strategy_setup, callback_state, cancel_before_strategy_setup, get_model,
+    get_tokenizer, notify, run_dir, slimflow_callbacks,
 )
 from slimflow.lightning.data import CalibrationData
 from slimflow.lightning.report import write_pruning_report
+from slimflow.lightning.restore import restore_known_checkpoint, save_architecture
 
 
 @dataclass
@@ -91,15 +92,17 @@ def _light_report(report) -> dict:
 class StructuredPruning(SlimflowCallback):
     """Prunes whole attention heads (KV groups) and FFN channels with the slimflow engine (`slimflow.api.prune`).
 
-    The first prune runs in `setup(stage="fit")`, before Lightning creates the optimizer. An iterative recipe
-    lists several cumulative ratios and the epochs at whose start each one is applied, e.g. `ratio: [0.2, 0.35]`,
-    `at_epochs: [0, 2]`: later prunes merge the current LoRA, prune, inject a fresh LoRA and rebuild the
-    optimizer (`trainer.strategy.setup_optimizers`; single-device strategies only). Each stage's optimizer gets
-    its own warmup + cosine (`CausalLMModule` asks `stage_steps`).
+    The first prune runs when `fit` has restored any checkpoint and before Lightning moves the model and builds
+    the optimizer (right before `trainer.strategy.setup`); the settings are checked earlier, in `setup`. An
+    iterative recipe lists several cumulative ratios and the epochs at whose start each one is applied, e.g.
+    `ratio: [0.2, 0.35]`, `at_epochs: [0, 2]`: later prunes merge the current LoRA, prune, inject a fresh LoRA
+    and rebuild the optimizer (`trainer.strategy.setup_optimizers`; single-device strategies only). Each
+    stage's optimizer gets its own warmup + cosine (`CausalLMModule` asks `stage_steps`).
 
-    On resume the widths are read from the checkpoint in `setup` (the path must be known then: the slimflow CLI
-    sets `trainer.ckpt_path`; in plain Lightning assign `trainer.ckpt_path = path` before `trainer.fit`) and the
-    model is shrunk with `slimflow.surgery.apply_widths`, so nothing is pruned again before the weights load.
+    Checkpoints record the pruned widths (`slimflow.lightning.restore`); a module whose `on_load_checkpoint`
+    calls `restore_architecture` (as `CausalLMModule` does) is rebuilt from them before its weights load, so
+    `trainer.fit(module, ckpt_path=...)` resumes without pruning again. A second `fit` with the same callback
+    does not prune again either.
 
     Needs a `Calibration` callback in the same Trainer. Writes `pruning_report.md`, `pruning_widths.png` and
     `pruning.json` to `dirpath` (default: the trainer's `default_root_dir`).
@@ -138,7 +141,6 @@ class StructuredPruning(SlimflowCallback):
         self.dense_widths: list[list[int]] = []
         self.widths: list[list[int]] = []
         self.reports: list[dict] = []
-        self._ready = False
 
     # ------------------------------------------------------------------------------------------- checks
     def check(self, trainer, pl_module, model) -> None:
@@ -158,25 +160,31 @@ class StructuredPruning(SlimflowCallback):
 
     # ------------------------------------------------------------------------------------------- hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self._ready:
-            return
         model = base_model(get_model(pl_module, self.model_attr))
-        checkpoint = resume_checkpoint(trainer)
-        state = callback_state(checkpoint, self)
-        if state and state.get("stage"):
-            from slimflow.api import record_widths
-            from slimflow.surgery import LayerWidths, apply_widths
+        if restore_known_checkpoint(trainer, pl_module) or stage != "fit" or self.stage > 0:
+            return  # rebuilt from a checkpoint, or pruned by an earlier fit of these callbacks: never again
+        notify(trainer, "check", pl_module, model)
+        if self.at_epochs[0] == 0:  # after any checkpoint of this fit is restored, before the optimizer exists
+            before_strategy_setup(trainer, lambda: self._first_prune(trainer, pl_module))
 
+    def _first_prune(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.stage == 0:  # a restored checkpoint (callback state) says whether it was pruned already
+            self.prune(trainer, pl_module)
+
+    def pending(self) -> bool:
+        """Whether a prune is still to come (then LoRA is injected after it, not in `setup`)."""
+        return self.stage < len(self.ratios)
+
+    def on_architecture_restored(self, trainer, pl_module, checkpoint) -> None:
+        state = callback_state(checkpoint, self)
+        if state:
             self.load_state_dict(state)
-            widths = [LayerWidths(*w) for w in self.widths]
-            apply_widths(model, widths)
-            record_widths(model, widths)
-            notify(trainer, "on_architecture_restored", pl_module, checkpoint)
-        elif stage == "fit":
-            notify(trainer, "check", pl_module, model)
-            if self.at_epochs[0] == 0:
-                self.prune(trainer, pl_module)
-        self._ready = True
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        save_architecture(pl_module, checkpoint, self.model_attr)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        cancel_before_strategy_setup(trainer)
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.stage < len(self.ratios) and trainer.current_epoch >= self.at_epochs[self.stage]:
