@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from slimflow import surgery
+from slimflow import distributed
 from slimflow.adapters import ModelAdapter, get_adapter
 from slimflow.algorithms.schedules import LayerShape, Plan, plan_layers
 from slimflow.methods import get_method
@@ -144,6 +145,8 @@ def prune(
     progress: bool = True,
     method_kwargs: dict | None = None,
     replay_attention: bool = True,
+    data_parallel: bool | None = None,
+    process_group=None,
 ) -> PruneReport:
     """Physically remove head units and FFN channels from `model`, in place.
 
@@ -170,6 +173,11 @@ def prune(
         method_kwargs: extra arguments of the method (e.g. `{"damp": 0.01}` for SlimGPT).
         replay_attention: reuse each layer's stored attention outputs after head removal instead of
             recomputing attention (default; False gives the same result up to rounding, slower).
+        data_parallel: share the calibration work over the processes of `process_group` (every rank passes
+            the same model and the same full `calibration`; each feeds its share of the sequences, statistics
+            are summed, all ranks apply rank 0's decisions). None (default): when `torch.distributed` is
+            initialised with more than one process. See docs/scale.md.
+        process_group: the group to share over (default: the default group).
     """
     start = time.perf_counter()
     adapter = get_adapter(model)
@@ -182,6 +190,11 @@ def prune(
     params_before = surgery.count_parameters(model)
     reference_params = reference_params or params_before
     pruner = get_method(method, **(method_kwargs or {}))
+    dp = distributed.resolve(data_parallel, process_group)
+    dp.check_same(calibration)
+    shard = dp.shard(calibration)
+    pruner.data_parallel = dp
+    progress = progress and dp.rank == 0
     schedule = check_schedule(pruner, schedule)
     channel_multiple = resolve_channel_multiple(model, adapter, channel_multiple)
     layer_plan = plan(model, ratio, schedule or "uniform", reference_params, spread, max_layer_ratio, channel_multiple)
@@ -199,15 +212,16 @@ def prune(
                         surgery.count_parameters(model)), ratio, reference_params, channel_multiple, max_layer_ratio)
         if pruner.prunes_globally:
             results = prune_global(model, adapter, calibration, pruner, budget.target_params, dev, progress,
-                                   max_layer_ratio or getattr(pruner, "max_layer_ratio", 0.9), times)
+                                   max_layer_ratio or getattr(pruner, "max_layer_ratio", 0.9), times, dp)
         else:
             t = time.perf_counter()
-            layers = pruner.prepare(model, adapter, calibration, budget, dev, batch_size)
+            layers = pruner.prepare(model, adapter, shard, budget, dev, batch_size)
             times.extra["prepare"] = round(time.perf_counter() - t, 4)
             if layers is None:
                 layers = layer_plan.layers
-            results = prune_layers(model, adapter, calibration, layers, pruner, dev, batch_size, progress,
-                                   times=times, replay_attention=replay_attention)
+            layers = dp.broadcast_object(layers)  # one width plan everywhere, even from a method's own allocation
+            results = prune_layers(model, adapter, shard, layers, pruner, dev, batch_size, progress,
+                                   times=times, replay_attention=replay_attention, data_parallel=dp)
     finally:
         model.train(was_training)
     if use_cache is not None:
@@ -219,6 +233,7 @@ def prune(
         "num_samples": int(calibration.shape[0]), "seqlen": int(calibration.shape[1]), "batch_size": batch_size,
         "device": str(dev), "model_type": model.config.model_type,
         "decoder_ratio": layer_plan.decoder_ratio if schedule else None,
+        "data_parallel": dp.world,
     }
     return PruneReport(settings, params_before, surgery.count_parameters(model), reference_params, ratio, results,
                        time.perf_counter() - start, times.as_dict())

@@ -25,6 +25,7 @@ from slimflow.adapters import ModelAdapter
 from slimflow.algorithms.hessian import HessianAccumulator
 from slimflow.algorithms.obs import output_error
 from slimflow.algorithms.schedules import LayerPlan
+from slimflow.distributed import DataParallel
 from slimflow.methods.base import Decision, PruningMethod
 
 
@@ -287,6 +288,7 @@ class _LayerJob:
     result: LayerResult
     unit_size: int
     replay_attention: bool = True
+    data_parallel: DataParallel = field(default_factory=DataParallel.local)
     replay: _AttentionReplay | None = None
 
     def attention_buffer(self, o_proj: nn.Linear) -> tuple[nn.Module, torch.Tensor]:
@@ -308,6 +310,7 @@ def _collect_statistics(job: _LayerJob, module: nn.Linear, name: str, record=Non
     with _timed(job.times, "statistics", job.device):
         stats = HessianAccumulator(module.in_features, job.device, job.stats_dtype)
         _run_to(job.layer, job.index, module, job.inputs, job.batch_size, stats, job.adapter, job.replay, record)
+        job.data_parallel.reduce_hessian(stats)  # this rank's sequences -> all sequences
         stats.check_finite(f"layer {job.index} {name}")
     return stats
 
@@ -327,7 +330,8 @@ def _remove_head_units(job: _LayerJob) -> None:
     stats = _collect_statistics(job, o_proj, "o_proj", record)
     with _timed(job.times, "selection", job.device):
         old = o_proj.weight.detach().to(job.stats_dtype)
-        decision = job.method.prune_heads(old, stats, job.unit_size, job.plan.remove_units)
+        decision = job.data_parallel.broadcast_decision(
+            job.method.prune_heads(old, stats, job.unit_size, job.plan.remove_units))
         cols = _unit_columns(decision.removed, job.unit_size).tolist()
         job.result.attn_error, job.result.attn_error_uncompensated = _record_errors(job, old, decision, cols, stats)
     with _timed(job.times, "surgery", job.device):
@@ -351,7 +355,7 @@ def _remove_channels(job: _LayerJob) -> None:
         job.replay = _AttentionReplay(record[0], record[1])
     with _timed(job.times, "selection", job.device):
         old = down.weight.detach().to(job.stats_dtype)
-        decision = job.method.prune_channels(old, stats, job.plan.remove_channels)
+        decision = job.data_parallel.broadcast_decision(job.method.prune_channels(old, stats, job.plan.remove_channels))
         job.result.ffn_error, job.result.ffn_error_uncompensated = _record_errors(job, old, decision, decision.removed,
                                                                            stats)
     with _timed(job.times, "surgery", job.device):
@@ -394,17 +398,21 @@ def _layer_on(layer: nn.Module, device: torch.device, times: PhaseTimes):
 def prune_layers(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor, plans: list[LayerPlan],
                  method: PruningMethod, device: torch.device, batch_size: int = 8, progress: bool = True,
                  stats_dtype: torch.dtype = torch.float32, times: PhaseTimes | None = None,
-                 replay_attention: bool = True) -> list[LayerResult]:
+                 replay_attention: bool = True, data_parallel: DataParallel | None = None) -> list[LayerResult]:
     """Prune every decoder layer in place according to `plans`; returns one `LayerResult` per layer.
 
     `replay_attention=False` recomputes attention in passes (2) and (3) instead of replaying the stored
-    `o_proj` inputs (same result up to rounding, slower; kept to check the replay)."""
+    `o_proj` inputs (same result up to rounding, slower; kept to check the replay).
+
+    Under `data_parallel`, `input_ids` is this rank's share of the sequences: statistics are summed over the
+    ranks before each decision, rank 0's decisions are applied everywhere, and each rank propagates only its
+    own sequences to the next layer."""
     times = times or PhaseTimes()
     layers = adapter.layers(model)
     with _timed(times, "capture", device):
         inputs = capture_layer_inputs(model, adapter, input_ids, batch_size, device)
     settings = dict(method=method, batch_size=batch_size, device=device, stats_dtype=stats_dtype, times=times,
-                    replay_attention=replay_attention)
+                    replay_attention=replay_attention, data_parallel=data_parallel or DataParallel.local())
     results = []
     bar = tqdm(total=len(layers), desc="pruning layers", unit="layer", disable=not progress)
     for index, (layer, plan) in enumerate(zip(layers, plans)):
@@ -426,14 +434,17 @@ def prune_layers(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tenso
 
 def prune_global(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor, method: PruningMethod,
                  target_params: float, device: torch.device, progress: bool = True,
-                 max_layer_ratio: float = 0.9, times: PhaseTimes | None = None) -> list[LayerResult]:
+                 max_layer_ratio: float = 0.9, times: PhaseTimes | None = None,
+                 data_parallel: DataParallel | None = None) -> list[LayerResult]:
     """Multi-shot whole-model pruning for methods with `prunes_globally` (e.g. LLM Surgeon).
 
     Shot t of `method.shots` asks `method.global_shot` for decisions that bring the removed parameters to
     `t/T·target_params`, writes the compensated weights and deletes the units, so the next shot sees the
-    smaller model. The whole model is moved to `device`.
+    smaller model. The whole model is moved to `device`. `input_ids` holds all calibration sequences; under
+    `data_parallel` the method shards them itself, and rank 0's decisions are applied on every rank.
     """
     times = times or PhaseTimes()
+    dp = data_parallel or DataParallel.local()
     layers = adapter.layers(model)
     home = next(model.parameters()).device
     model.to(device)
@@ -458,6 +469,8 @@ def prune_global(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tenso
             t = time.perf_counter()
             limits = [(len(u) - fu, len(c) - fc) for u, c, (fu, fc) in zip(kept_units, kept_channels, floors)]
             decisions = method.global_shot(model, adapter, input_ids, todo, device, limits)
+            decisions = dp.broadcast_decisions(decisions, lambda i, kind: (
+                adapter.attention_projections(layers[i])[3] if kind == 0 else adapter.mlp_projections(layers[i])[2]).weight)
             _sync(device)
             times.statistics += time.perf_counter() - t
             t = time.perf_counter()

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from slimflow.algorithms.hessian import HessianAccumulator
+from slimflow.distributed import DataParallel
 
 
 @dataclass
@@ -37,6 +38,9 @@ class PruningMethod:
     allocates_widths: bool = False  # `prepare` returns the per-layer plan; ratio schedules are refused
     prunes_globally: bool = False  # the whole model at once through `global_shot` (see pipeline.prune_global)
     needs_gradients: bool = False  # calibration runs backward passes through the model
+    # The processes sharing the calibration set (set by `slimflow.prune`). `prepare` sees this rank's share of
+    # the sequences and sums its own statistics over the group; `global_shot` gets all sequences and shards them.
+    data_parallel: DataParallel = DataParallel.local()
 
     def prepare(self, model, adapter, calibration: torch.Tensor, budget: "Budget", device, batch_size: int):
         """Optional global step before the layer-wise pass (dense-model statistics, gradients).

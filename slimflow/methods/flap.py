@@ -103,6 +103,9 @@ class FLAP(PruningMethod):
         finally:
             for h in handles:
                 h.remove()
+        for pair in stats:
+            for acc in pair:
+                self.data_parallel.reduce_hessian(acc)
         head_scores, channel_scores = [], []
         for layer, shape, (so, sd) in zip(layers, budget.shapes, stats):
             o = adapter.attention_projections(layer)[3].weight.float()

@@ -119,13 +119,19 @@ class LLMSurgeon(PruningMethod):
         for layer in layers:
             acc.append((KroneckerFactors(adapter.attention_projections(layer)[3]),
                         KroneckerFactors(adapter.mlp_projections(layer)[2])))
-        ids = calibration[: self.grad_samples] if self.grad_samples else calibration
+        dp = self.data_parallel
+        ids = dp.shard(calibration[: self.grad_samples] if self.grad_samples else calibration)
         try:
-            self.losses.append(lm_backward_passes(model, ids, self.grad_batch_size, device))
+            loss = lm_backward_passes(model, ids, self.grad_batch_size, device)
         finally:
             for fo, fd in acc:
                 fo.handle.remove()
                 fd.handle.remove()
+        self.losses.append(dp.weighted_mean(loss, ids[:, 1:].numel()))
+        for factors in (f for pair in acc for f in pair):
+            dp.sum_(factors.a)
+            dp.sum_(factors.g)
+            factors.tokens, factors.grad_tokens = map(int, dp.sum_numbers(factors.tokens, factors.grad_tokens))
         head_dim = adapter.head_dim(model)
         entries, inverses = [], []
         with torch.no_grad():

@@ -174,6 +174,8 @@ class SlimLLM(PruningMethod):
         finally:
             for h in handles:
                 h.remove()
+        totals = self.data_parallel.sum_numbers(*(v for pair in sums for v in pair))
+        sums = [totals[i : i + 2] for i in range(0, len(totals), 2)]
         self.layer_similarity = [s / max(n, 1) for s, n in sums]
         high = budget.fraction > 0.35
         alpha = self.alpha if self.alpha is not None else (7.0 if high else 10.0)
@@ -214,6 +216,7 @@ class SlimLLM(PruningMethod):
             self._handle.remove()
             self._handle = None
         gate, up, _ = self._adapter.mlp_projections(self._layer)
+        self.data_parallel.sum_(self._sq)
         scores = channel_scores(gate.weight.float(), up.weight.float(), weight, self._sq.sqrt(), stats)
         order = torch.argsort(scores, stable=True)
         start = min(round(self.protect * weight.shape[1]), weight.shape[1] - 1 - n_remove)

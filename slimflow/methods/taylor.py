@@ -76,6 +76,9 @@ class Taylor(PruningMethod):
         model.to(device)
         try:
             self.loss = lm_backward_passes(model, calibration, self.grad_batch_size, device, weights)
+            for w in weights:
+                self.data_parallel.sum_(w.grad)
+            self.loss = self.data_parallel.weighted_mean(self.loss, calibration[:, 1:].numel())
             head_dim = adapter.head_dim(model)
             self._heads, self._channels = [], []
             with torch.no_grad():
