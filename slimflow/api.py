@@ -11,7 +11,8 @@ from torch import nn
 from slimflow import surgery
 from slimflow import distributed
 from slimflow.adapters import ModelAdapter, get_adapter
-from slimflow.algorithms.schedules import LayerShape, Plan, plan_layers
+from slimflow.allocation import adaptive_plan, check_schedule_options
+from slimflow.algorithms.schedules import ADAPTIVE, LayerShape, Plan, plan_layers
 from slimflow.methods import get_method
 from slimflow.methods.base import Budget
 from slimflow.methods.common import add_output_biases, check_schedule
@@ -119,7 +120,9 @@ def plan(model: nn.Module, ratio: float, schedule: str = "log_increase", referen
     channel_multiple = resolve_channel_multiple(model, adapter, channel_multiple)
     current = surgery.count_parameters(model)
     reference_params = reference_params or current
-    return plan_layers(layer_shapes(model, adapter), ratio, reference_params, schedule, spread, max_layer_ratio,
+    # the adaptive widths need calibration data; its floors and feasibility are those of every schedule
+    shape_schedule = "uniform" if schedule == ADAPTIVE else schedule
+    return plan_layers(layer_shapes(model, adapter), ratio, reference_params, shape_schedule, spread, max_layer_ratio,
                        channel_multiple, already_removed=reference_params - current)
 
 
@@ -147,6 +150,7 @@ def prune(
     replay_attention: bool = True,
     data_parallel: bool | None = None,
     process_group=None,
+    schedule_options: dict | None = None,
 ) -> PruneReport:
     """Physically remove head units and FFN channels from `model`, in place.
 
@@ -155,7 +159,9 @@ def prune(
         calibration: `[num_samples, seqlen]` token ids (see `slimflow.data.calibration.calibration_ids`).
         ratio: fraction of the reference model's **total** parameters to remove (embeddings included in the
             count, never pruned).
-        schedule: per-layer ratio shape: `uniform`, `linear` or `log_increase` (SlimGPT's incremental ratio).
+        schedule: per-layer widths: `adaptive` (chosen from OBS cost curves measured on the calibration data,
+            heads and channels separately; docs/engine.md), or a fixed shape `uniform`, `linear` or
+            `log_increase` (SlimGPT's incremental ratio).
             None (default): `log_increase`, or the method's own allocation for methods that allocate widths
             (flap, llm-surgeon, slimllm); giving a schedule to those is refused (see docs/methods.md).
         method: registered method name (`slimgpt`, `magnitude`, `wanda-sp`, `flap`, `taylor`, `slimllm`,
@@ -178,6 +184,8 @@ def prune(
             are summed, all ranks apply rank 0's decisions). None (default): when `torch.distributed` is
             initialised with more than one process. See docs/scale.md.
         process_group: the group to share over (default: the default group).
+        schedule_options: options of the `adaptive` schedule (`normalize`: `residual` or `none`; `points`:
+            channel-curve grid size), see `slimflow.allocation.adaptive_plan`.
     """
     start = time.perf_counter()
     adapter = get_adapter(model)
@@ -196,6 +204,7 @@ def prune(
     pruner.data_parallel = dp
     progress = progress and dp.rank == 0
     schedule = check_schedule(pruner, schedule)
+    check_schedule_options(schedule, schedule_options)
     channel_multiple = resolve_channel_multiple(model, adapter, channel_multiple)
     layer_plan = plan(model, ratio, schedule or "uniform", reference_params, spread, max_layer_ratio, channel_multiple)
     dev = _resolve_device(device, model)
@@ -207,6 +216,7 @@ def prune(
     model.eval()
     use_cache = getattr(model.config, "use_cache", None)
     times = PhaseTimes()
+    allocation_info = None
     try:
         budget = Budget(layer_shapes(model, adapter), ratio * reference_params - (reference_params -
                         surgery.count_parameters(model)), ratio, reference_params, channel_multiple, max_layer_ratio)
@@ -217,6 +227,12 @@ def prune(
             t = time.perf_counter()
             layers = pruner.prepare(model, adapter, shard, budget, dev, batch_size)
             times.extra["prepare"] = round(time.perf_counter() - t, 4)
+            if layers is None and schedule == ADAPTIVE:
+                layers, allocation_info = adaptive_plan(
+                    model, adapter, calibration, budget.shapes, budget.target_params, channel_multiple,
+                    max_layer_ratio, dev, batch_size, damp=getattr(pruner, "damp", 0.01),
+                    exact_head_score=getattr(pruner, "exact_head_score", False), progress=progress,
+                    times=times.extra, **(schedule_options or {}))
             if layers is None:
                 layers = layer_plan.layers
             layers = dp.broadcast_object(layers)  # one width plan everywhere, even from a method's own allocation
@@ -232,9 +248,12 @@ def prune(
         "spread": spread, "max_layer_ratio": max_layer_ratio, "channel_multiple": channel_multiple,
         "num_samples": int(calibration.shape[0]), "seqlen": int(calibration.shape[1]), "batch_size": batch_size,
         "device": str(dev), "model_type": model.config.model_type,
-        "decoder_ratio": layer_plan.decoder_ratio if schedule else None,
+        "decoder_ratio": layer_plan.decoder_ratio if schedule and schedule != ADAPTIVE else None,
         "data_parallel": dp.world,
     }
+    if allocation_info is not None:
+        settings["schedule_options"] = schedule_options or {}
+        settings["allocation"] = allocation_info
     return PruneReport(settings, params_before, surgery.count_parameters(model), reference_params, ratio, results,
                        time.perf_counter() - start, times.as_dict())
 

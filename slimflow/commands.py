@@ -28,6 +28,7 @@ def prune(
     spread: float = 4.0,
     max_layer_ratio: float | None = None,
     channel_multiple: int | None = None,
+    schedule_options: dict | None = None,
     batch_size: int = 8,
     device: str = "auto",
     dtype: str = "auto",
@@ -42,8 +43,9 @@ def prune(
         calibration: local .txt/.json/.jsonl (optionally .gz) file, or a hub dataset name (e.g. c4, wikitext2).
         output: directory to write the pruned checkpoint to (must not exist unless --overwrite).
         ratio: fraction of the model's total parameters to remove, in (0, 1).
-        schedule: per-layer ratios: uniform, linear or log_increase (default: log_increase). Methods that
-            allocate widths themselves (flap, llm-surgeon, slimllm) refuse a schedule.
+        schedule: per-layer widths: adaptive (from OBS cost curves measured on the calibration data), uniform,
+            linear or log_increase (default: log_increase). Methods that allocate widths themselves (flap,
+            llm-surgeon, slimllm) refuse a schedule.
         method: pruning method (slimgpt, magnitude, ...).
         num_samples: number of calibration sequences.
         seqlen: tokens per calibration sequence.
@@ -55,6 +57,7 @@ def prune(
         spread: r_max / r_min of the linear and log_increase schedules.
         max_layer_ratio: optional cap on any single layer's ratio.
         channel_multiple: keep each FFN width a multiple of this (default: 64 for FFNs of 4096+ channels, else 1).
+        schedule_options: options of the adaptive schedule, e.g. '{"normalize": "none"}'.
         batch_size: calibration sequences per forward pass.
         device: where layers are processed: auto (CUDA if present), cpu, cuda, cuda:1, ...
         dtype: dtype used while pruning: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16.
@@ -98,7 +101,7 @@ def prune(
         net.to(dev)
     report = run_prune(net, ids, ratio, schedule, method, spread=spread, max_layer_ratio=max_layer_ratio,
                        channel_multiple=channel_multiple, batch_size=batch_size, device=dev, progress=progress,
-                       method_kwargs=method_kwargs)
+                       method_kwargs=method_kwargs, schedule_options=schedule_options)
     target_dtype = source_dtype if save_dtype == "auto" else resolve_dtype(save_dtype, dev)
     if isinstance(target_dtype, str):
         target_dtype = resolve_dtype(target_dtype, dev)

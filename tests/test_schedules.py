@@ -4,7 +4,15 @@ import math
 
 import pytest
 
-from slimflow.algorithms.schedules import LayerShape, ScheduleError, layer_ratios, plan_layers, schedule_shape
+from slimflow.algorithms.schedules import (
+    LayerShape,
+    ScheduleError,
+    layer_limits,
+    layer_ratios,
+    max_removable,
+    plan_layers,
+    schedule_shape,
+)
 
 
 def llama7b_shapes(layers=32):
@@ -67,9 +75,60 @@ def test_impossible_requests_fail_with_the_fix():
         plan_layers(shapes, 1.2, 27_534_720)
     with pytest.raises(ScheduleError, match="Lower the ratio"):
         plan_layers(shapes, 0.9, 27_534_720)  # more than the decoder holds
-    with pytest.raises(ScheduleError, match="max_layer_ratio"):
-        plan_layers(shapes, 0.62, 27_534_720, "log_increase")  # last layers would lose everything
+    with pytest.raises(ScheduleError, match="Lower the ratio to at most 0.741"):
+        plan_layers(shapes, 0.75, 27_534_720)  # fits in the decoder, but not above the per-layer floors
     plan = plan_layers(shapes, 0.62, 27_534_720, "log_increase", max_ratio=0.9)
     assert all(p.remove_units < 12 for p in plan.layers)
     with pytest.raises(ScheduleError, match="unknown schedule"):
         schedule_shape("cosine", 4)
+
+
+def gqa_8_layer_shapes(tied=False):
+    # 8 layers, hidden 384, 12 query heads of 32 in 4 KV groups, FFN 1024 (the shape that used to fail at 0.5)
+    d, dh, heads, kv, m = 384, 32, 12, 4, 1024
+    unit = (heads // kv) * dh * d * 2 + 2 * dh * d  # q + o columns of the group, k + v rows
+    return [LayerShape(kv, unit, m, 3 * d) for _ in range(8)], (1 if tied else 2) * 8000 * d
+
+
+@pytest.mark.parametrize("schedule", ["uniform", "linear", "log_increase"])
+@pytest.mark.parametrize("fraction", [0.5, 0.7])
+@pytest.mark.parametrize("channel_multiple", [1, 64])
+def test_every_schedule_keeps_the_floors_and_hits_the_target(schedule, fraction, channel_multiple):
+    shapes, embed = gqa_8_layer_shapes(tied=fraction > 0.6)  # 70% of the untied model is below the floors
+    total = embed + sum(s.prunable for s in shapes)
+    plan = plan_layers(shapes, fraction, total, schedule, channel_multiple=channel_multiple)
+    assert abs(plan.realised_fraction - fraction) <= 0.005
+    for p, s in zip(plan.layers, shapes):
+        max_units, max_channels = layer_limits(s, channel_multiple)
+        assert 0 <= p.remove_units <= max_units < s.head_units
+        assert 0 <= p.remove_channels <= max_channels
+        assert s.channels - p.remove_channels >= max(16, channel_multiple)  # 1/64 of 1024 channels
+        assert (s.channels - p.remove_channels) % channel_multiple == 0
+        assert 0 <= p.ratio <= 1
+    if schedule != "uniform":  # the clamped last layers handed their share to the first ones
+        assert plan.layers[0].remove_units <= plan.layers[-1].remove_units
+
+
+def test_floors_redistribute_instead_of_failing_on_a_short_gqa_model():
+    shapes, embed = gqa_8_layer_shapes()
+    total = embed + sum(s.prunable for s in shapes)
+    plan = plan_layers(shapes, 0.5, total, "log_increase")
+    assert plan.layers[-1].remove_units == 3  # at the floor: one of four KV groups stays
+    assert sum(p.remove_units == 3 for p in plan.layers) >= 2
+    assert abs(plan.realised_fraction - 0.5) <= 0.005
+    # the unclamped shape asks more than the floor allows of the last layers (it used to fail there)
+    assert layer_ratios("log_increase", plan.decoder_ratio, [1.0] * 8)[-1] > 1 - 16 / 1024
+
+
+def test_unreachable_ratio_names_the_largest_reachable_one():
+    shapes, embed = gqa_8_layer_shapes(tied=True)
+    total = embed + sum(s.prunable for s in shapes)
+    most = max_removable(shapes)
+    assert most == sum(3 * s.unit_params + (1024 - 16) * s.channel_params for s in shapes)
+    best = most / total
+    plan = plan_layers(shapes, best - 0.001, total, "log_increase")
+    assert plan.realised_fraction <= best
+    with pytest.raises(ScheduleError, match=f"at most {math.floor(best * 1000) / 1000}"):
+        plan_layers(shapes, best + 0.001, total, "uniform")
+    with pytest.raises(ScheduleError, match="max_layer_ratio=0.5"):
+        plan_layers(shapes, 0.5, total, "uniform", max_ratio=0.5)

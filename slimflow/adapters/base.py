@@ -49,6 +49,10 @@ class ModelAdapter:
     def ffn(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.mlp)
 
+    def post_attention_norm(self, layer: nn.Module) -> nn.Module:
+        """The norm in front of the FFN: its input is the residual stream after the attention block."""
+        return layer.post_attention_layernorm
+
     def attention_projections(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
         a = self.attn(layer)
         return getattr(a, self.q_proj), getattr(a, self.k_proj), getattr(a, self.v_proj), getattr(a, self.o_proj)

@@ -25,21 +25,24 @@ class RatioSchedule:
     more).
 
     Args:
-        name: `uniform`, `linear` or `log_increase`.
+        name: `adaptive` (widths from OBS cost curves measured on the calibration data), `uniform`, `linear` or
+            `log_increase`.
         spread: largest / smallest layer ratio of the non-uniform schedules.
         max_layer_ratio: cap on any layer's ratio.
         channel_multiple: keep FFN widths a multiple of this; null: 64 for FFNs of 4096+ channels (fast GPU
             shapes), else 1.
+        options: options of the adaptive schedule, e.g. `{"normalize": "none"}` (docs/engine.md).
     """
 
-    name: Literal["uniform", "linear", "log_increase"] = "log_increase"
+    name: Literal["adaptive", "uniform", "linear", "log_increase"] = "log_increase"
     spread: float = 4.0
     max_layer_ratio: float | None = None
     channel_multiple: int | None = None
+    options: dict | None = None
 
     def kwargs(self) -> dict:
         return {"schedule": self.name, "spread": self.spread, "max_layer_ratio": self.max_layer_ratio,
-                "channel_multiple": self.channel_multiple}
+                "channel_multiple": self.channel_multiple, "schedule_options": self.options}
 
 
 class Calibration(SlimflowCallback):

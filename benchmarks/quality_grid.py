@@ -1,0 +1,221 @@
+"""Quality grid of the per-layer allocations: model × ratio × schedule × calibration sampling, seeds, ablations.
+
+Protocol (docs/results.md §1): calibration from part-007 of `../shared/pretrain_corpus` — `tail` takes the last
+n × L tokens, `random` draws seeded windows after the first 400,000 tokens (`skip_tokens=400000`, so they never
+overlap the evaluation text); perplexity on the first 300 non-overlapping windows of 128 tokens of the first
+400,000 tokens of part-007. Two steps, so the device needs neither the corpus nor a tokenizer pass:
+
+    python -m benchmarks.quality_grid prepare --out runs/grid_data.safetensors --tokenizer ../shared/models/ref-llama-27m
+    python -m benchmarks.quality_grid run --data runs/grid_data.safetensors --out runs/grid \
+        --models '{"ref-llama-27m": "../shared/models/ref-llama-27m"}'
+
+`prepare` tokenises with slimflow's own `calibration_ids` / `tokenize_texts` (the exact tensors `slimflow prune`
+and `slimflow eval` would use); `run` prunes a fresh copy of each model per cell with `slimflow.prune` and writes
+`grid.json` and `grid.md` after every cell (a run cut short keeps what it finished). Cells run in priority
+order: the main table, then seeds, ablations and variants; `budget_s` stops starting new cells after that time.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+CORPUS = "../shared/pretrain_corpus/part-007.txt.gz"
+EVAL_TOKENS, WINDOW, WINDOWS, SKIP = 400_000, 128, 300, 400_000
+SCHEDULES = ("uniform", "log_increase", "adaptive")
+
+
+def calibration_key(sampling: str, num_samples: int, seqlen: int, seed: int) -> str:
+    return f"{sampling}-{num_samples}x{seqlen}-s{seed}"
+
+
+def needed_calibration(seeds=(0, 1, 2)) -> list[tuple[str, int, int, int]]:
+    keys = [("tail", 128, 512, 0)] + [("random", 128, 512, s) for s in seeds]
+    keys += [("random", n, 512, 0) for n in (32, 512)] + [("random", 128, L, 0) for L in (128, 2048)]
+    return keys
+
+
+def prepare(*, out: str, tokenizer: str = "../shared/models/ref-llama-27m", corpus: str = CORPUS,
+            small: bool = False) -> None:
+    """Tokenise the evaluation text and every calibration set of the grid into one safetensors file.
+
+    Args:
+        out: output file.
+        tokenizer: model directory whose tokenizer all grid models share.
+        corpus: held-out text (part-007).
+        small: CPU development sizes (at most 32 × 128 calibration tokens per cell).
+    """
+    from safetensors.torch import save_file
+
+    from slimflow.data.calibration import calibration_ids
+    from slimflow.evaluation.perplexity import read_text_file, tokenize_texts
+    from slimflow.models import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    tensors = {"eval": tokenize_texts(tok, read_text_file(corpus))[:EVAL_TOKENS].clone()}
+    for sampling, n, length, seed in needed_calibration():
+        n_, length_ = (min(n, 32), min(length, 128)) if small else (n, length)
+        ids = calibration_ids(corpus, tok, n_, length_, seed=seed, sampling=sampling,
+                              skip_tokens=SKIP if sampling == "random" else 0)
+        tensors[calibration_key(sampling, n, length, seed)] = ids.to(torch.int32).contiguous()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(torch.int32).contiguous() for k, v in tensors.items()}, out)
+    print({k: tuple(v.shape) for k, v in tensors.items()})
+
+
+def cells(models: list[str], gqa: str | None = None) -> list[dict]:
+    """Every cell, in the order they run."""
+    main_model = models[0]
+    out = []
+    for model in models:  # the main table: every model, both ratios, both samplings, three schedules
+        for ratio in (0.2, 0.5):
+            for sampling in ("tail", "random"):
+                for schedule in SCHEDULES:
+                    out.append(dict(group="main", model=model, ratio=ratio, schedule=schedule, sampling=sampling))
+    for seed in (1, 2):  # seed spread of random calibration
+        for ratio in (0.2, 0.5):
+            for schedule in SCHEDULES:
+                out.append(dict(group="seeds", model=main_model, ratio=ratio, schedule=schedule, sampling="random",
+                                seed=seed))
+    for ratio in (0.2, 0.5):  # adaptive variants that lost (kept for the record) and a GQA stress test
+        out.append(dict(group="variants", model=main_model, ratio=ratio, schedule="adaptive", sampling="random",
+                        options={"normalize": "none"}))
+    if gqa:
+        out.append(dict(group="variants", model=gqa, ratio=0.7, schedule="adaptive", sampling="random"))
+    for ratio in (0.2, 0.5):  # ablations of the default (adaptive, random calibration)
+        for n in (32, 512):
+            out.append(dict(group="ablations", model=main_model, ratio=ratio, schedule="adaptive", sampling="random",
+                            num_samples=n))
+        for length in (128, 2048):
+            out.append(dict(group="ablations", model=main_model, ratio=ratio, schedule="adaptive", sampling="random",
+                            seqlen=length))
+        for damp in (0.001, 0.1):
+            out.append(dict(group="ablations", model=main_model, ratio=ratio, schedule="adaptive", sampling="random",
+                            damp=damp))
+    for c in out:
+        c.setdefault("seed", 0)
+        c.setdefault("num_samples", 128)
+        c.setdefault("seqlen", 512)
+        c.setdefault("damp", 0.01)
+        c.setdefault("options", {})
+    return out
+
+
+def _perplexity(model, ids: torch.Tensor, windows: int, device) -> float:
+    from slimflow.evaluation.perplexity import perplexity_of_ids
+
+    return perplexity_of_ids(model, ids, WINDOW, batch_size=32, max_windows=windows, device=device,
+                             progress=False)[0]
+
+
+def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", budget_s: float = 1e9,
+        windows: int = WINDOWS, groups: list[str] | None = None, gqa: str | None = None) -> list[dict]:
+    """Run the grid; `models` maps a short name to a model directory (the first one gets seeds and ablations).
+
+    Args:
+        data: file written by `prepare`.
+        out: output directory (grid.json, grid.md).
+        models: name → model directory, the reference model first.
+        device: where pruning and evaluation run (auto: CUDA if present).
+        budget_s: start no new cell after this many seconds.
+        windows: evaluation windows of 128 tokens.
+        groups: cell groups to run (default all: main, seeds, variants, ablations).
+        gqa: name of the GQA model for the 70% stress cell.
+    """
+    from safetensors.torch import load_file
+
+    import slimflow
+    from slimflow.models import load_model
+
+    started = time.perf_counter()
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    torch.backends.cuda.matmul.allow_tf32 = False
+    tensors = {k: v.long() for k, v in load_file(data).items()}
+    eval_ids = tensors.pop("eval")
+    outdir = Path(out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    dense, rows = {}, []
+    for name, path in models.items():
+        if not Path(path).is_dir():
+            print(f"skipping {name}: {path} not found")
+            continue
+        model = load_model(path, dtype="float32", device="cpu").to(dev).eval()
+        dense[name] = {"model": model, "ppl": _perplexity(model, eval_ids, windows, dev), "path": path,
+                       "params": sum(p.numel() for p in model.parameters())}
+        print(f"{name}: dense ppl {dense[name]['ppl']:.2f}, {dense[name]['params']:,} parameters", flush=True)
+    header = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+              "torch": torch.__version__, "windows": windows, "window": WINDOW,
+              "dense": {k: {"ppl": v["ppl"], "params": v["params"]} for k, v in dense.items()}}
+    todo = [c for c in cells(list(models), gqa) if c["model"] in dense and (groups is None or c["group"] in groups)]
+    for i, cell in enumerate(todo):
+        if time.perf_counter() - started > budget_s:
+            print(f"budget reached: {len(todo) - i} cells not run", flush=True)
+            break
+        key = calibration_key(cell["sampling"], cell["num_samples"], cell["seqlen"], cell["seed"])
+        model = copy.deepcopy(dense[cell["model"]]["model"])
+        t = time.perf_counter()
+        row = dict(cell)
+        try:
+            report = slimflow.prune(model, tensors[key], ratio=cell["ratio"], schedule=cell["schedule"],
+                                    method="slimgpt", method_kwargs={"damp": cell["damp"]}, device=dev,
+                                    progress=False, schedule_options=cell["options"] or None, batch_size=16)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            row["prune_s"] = round(time.perf_counter() - t, 2)
+            row["removed"] = round(report.realised_fraction, 5)
+            row["ppl"] = _perplexity(model, eval_ids, windows, dev)
+            row["x_dense"] = row["ppl"] / dense[cell["model"]]["ppl"]
+            row["widths"] = [(w.num_key_value_heads, w.intermediate_size) for w in report.widths]
+        except Exception as err:  # recorded in the table: a failing default is a result too
+            row["error"] = f"{type(err).__name__}: {err}"
+        del model
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "widths"}), flush=True)
+        _write(outdir, header, rows, time.perf_counter() - started)
+    return rows
+
+
+def _write(outdir: Path, header: dict, rows: list[dict], elapsed: float) -> None:
+    (outdir / "grid.json").write_text(json.dumps(header | {"elapsed_s": round(elapsed, 1), "rows": rows}, indent=1))
+    (outdir / "grid.md").write_text(markdown(header, rows))
+
+
+def markdown(header: dict, rows: list[dict]) -> str:
+    lines = [f"Device: {header['device']}; perplexity on {header['windows']} windows of {header['window']} tokens",
+             "", "| group | model | ratio | schedule | sampling | seed | n × L | damp | options | removed | PPL | × dense "
+             "| prune s |", "|---|---|---:|---|---|---:|---|---:|---|---:|---:|---:|---:|"]
+    for name, d in header["dense"].items():
+        lines.append(f"| dense | {name} | – | – | – | – | – | – | – | – | {d['ppl']:.2f} | 1.000 | – |")
+    for r in rows:
+        res = (f"{r['removed']:.2%} | {r['ppl']:.2f} | {r['x_dense']:.3f} | {r['prune_s']}" if "ppl" in r
+               else f"– | {r['error']} | – | –")
+        lines.append(f"| {r['group']} | {r['model']} | {r['ratio']} | {r['schedule']} | {r['sampling']} | {r['seed']} "
+                     f"| {r['num_samples']} × {r['seqlen']} | {r['damp']} | {json.dumps(r['options']) if r['options'] else ''} "
+                     f"| {res} |")
+    spread = _seed_spread(rows)
+    if spread:
+        lines += ["", "Seed spread (random calibration, seeds 0–2): mean ± sample std of PPL", "",
+                  "| model | ratio | schedule | PPL mean | std | seeds |", "|---|---:|---|---:|---:|---:|"]
+        lines += [f"| {m} | {r} | {s} | {mu:.2f} | {sd:.2f} | {n} |" for (m, r, s), (mu, sd, n) in spread.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _seed_spread(rows: list[dict]) -> dict:
+    groups: dict = {}
+    for r in rows:
+        if r["sampling"] == "random" and "ppl" in r and r["group"] in ("main", "seeds"):
+            groups.setdefault((r["model"], r["ratio"], r["schedule"]), []).append(r["ppl"])
+    return {k: (statistics.mean(v), statistics.stdev(v), len(v)) for k, v in groups.items() if len(v) > 1}
+
+
+if __name__ == "__main__":
+    from jsonargparse import auto_cli
+
+    auto_cli({"prepare": prepare, "run": run})

@@ -1,0 +1,141 @@
+"""The `adaptive` schedule: per-layer, per-kind widths chosen from OBS cost curves measured on the calibration data.
+
+One dense pass walks the layers in order (each layer once over all calibration sequences, hooks on `o_proj` and
+`down_proj` collect their input Hessians). For every layer it measures two cost curves with SlimGPT's own
+greedy OBS removal: the error after removing 0, 1, … head units, and after removing 0 … max FFN channels on a
+grid. Each error is divided by the energy of the residual stream the block writes into (after the attention
+block for heads, after the FFN for channels): the next norm divides by that scale, so the quotient is the
+relative perturbation the following layers see, comparable across layers and kinds. `slimflow.algorithms.allocation.solve_budget` then picks the widths with one global
+threshold on cost per removed parameter. The sequential pruning pass runs afterwards with these widths.
+See docs/engine.md ("Adaptive allocation").
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from slimflow.adapters import ModelAdapter
+from slimflow.algorithms.allocation import CostCurve, channel_cost_curve, channel_grid, head_cost_curve, solve_budget
+from slimflow.algorithms.hessian import HessianAccumulator
+from slimflow.algorithms.obs import condition_hessian, invert_hessian
+from slimflow.algorithms.schedules import LayerPlan, LayerShape, ScheduleError, layer_limits
+from slimflow.pipeline import _propagate, capture_layer_inputs
+
+NORMALIZATIONS = ("residual", "none")
+
+
+OPTIONS = ("normalize", "points")
+
+
+def check_schedule_options(schedule: str | None, options: dict | None) -> None:
+    """Refuse options for a schedule that takes none, and unknown option names, before any work."""
+    if not options:
+        return
+    if schedule != "adaptive":
+        raise ScheduleError(f"schedule_options {options} apply to the adaptive schedule only, not {schedule!r}")
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ScheduleError(f"unknown adaptive schedule option(s) {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
+    if options.get("normalize", "residual") not in NORMALIZATIONS:
+        raise ScheduleError(f"unknown normalize={options['normalize']!r} for the adaptive schedule; choose one of "
+                            f"{', '.join(NORMALIZATIONS)}")
+
+
+def _inverse(weight: torch.Tensor, stats: HessianAccumulator, damp: float):
+    weight = weight.detach().to(torch.float32).clone()
+    hessian, _ = condition_hessian(stats.hessian.to(torch.float32), weight, damp)
+    return weight, invert_hessian(hessian, damp)[0]
+
+
+@torch.no_grad()
+def measure_cost_curves(model: nn.Module, adapter: ModelAdapter, calibration: torch.Tensor, shapes: list[LayerShape],
+                        channel_multiple: int, max_ratio: float | None, device: torch.device, batch_size: int = 8,
+                        damp: float = 0.01, points: int = 64, exact_head_score: bool = False,
+                        progress: bool = True) -> tuple[list[CostCurve], list[CostCurve], list[tuple[float, float]]]:
+    """Head and channel cost curves of every layer of the (dense) model, and per layer the energy of the residual
+    stream after its attention block and after its FFN block (`Σ_tokens ‖h‖²` per sequence, the scale of the
+    `½ tr(ΔW H ΔWᵀ)` errors written there)."""
+    layers = adapter.layers(model)
+    head_dim = adapter.head_dim(model)
+    hidden, kwargs_by_size = capture_layer_inputs(model, adapter, calibration, batch_size, device)
+    head_curves, channel_curves, energies = [], [], []
+    for index, (layer, shape) in enumerate(tqdm(list(zip(layers, shapes)), desc="measuring costs", unit="layer",
+                                                disable=not progress)):
+        home = next(layer.parameters()).device
+        layer.to(device)
+        o_proj = adapter.attention_projections(layer)[3]
+        down = adapter.mlp_projections(layer)[2]
+        stats_o = HessianAccumulator(o_proj.in_features, device)
+        stats_d = HessianAccumulator(down.in_features, device)
+        mid = [0.0]  # residual stream after the attention block: where the o_proj error lands
+        handles = [o_proj.register_forward_pre_hook(lambda m, a: stats_o.add(a[0])),
+                   down.register_forward_pre_hook(lambda m, a: stats_d.add(a[0])),
+                   adapter.post_attention_norm(layer).register_forward_pre_hook(
+                       lambda m, a: mid.__setitem__(0, mid[0] + float(a[0].float().pow(2).sum())))]
+        try:
+            _propagate(layer, hidden, kwargs_by_size, batch_size)
+        finally:
+            for h in handles:
+                h.remove()
+        # ... and after the FFN block (the layer's output), per sequence like the errors ½ tr(ΔW H ΔWᵀ)
+        energies.append((mid[0] / hidden.shape[0], float(hidden.float().pow(2).sum()) / hidden.shape[0]))
+        stats_o.check_finite(f"layer {index} o_proj")
+        stats_d.check_finite(f"layer {index} down_proj")
+        max_units, max_channels = layer_limits(shape, channel_multiple, max_ratio)
+        heads, kv = adapter.layer_heads(model, layer)
+        weight, hinv = _inverse(o_proj.weight, stats_o, damp)
+        costs = head_cost_curve(weight, hinv, (heads // kv) * head_dim, max_units, exact=exact_head_score)
+        head_curves.append(CostCurve(list(range(max_units + 1)), costs, shape.unit_params))
+        counts = channel_grid(shape.channels, max_channels, channel_multiple, points)
+        weight, hinv = _inverse(down.weight, stats_d, damp)
+        channel_curves.append(CostCurve(counts, channel_cost_curve(weight, hinv, counts), shape.channel_params))
+        del stats_o, stats_d, weight, hinv
+        layer.to(home)
+    return head_curves, channel_curves, energies
+
+
+def allocate(head_curves: list[CostCurve], channel_curves: list[CostCurve], energies: list[float],
+             shapes: list[LayerShape], target_params: float, normalize: str = "residual") -> list[LayerPlan]:
+    """Per-layer plans from measured curves: costs scaled per layer (`normalize`), then `solve_budget`."""
+    if normalize not in NORMALIZATIONS:
+        raise ScheduleError(f"unknown normalize={normalize!r} for the adaptive schedule; choose one of "
+                            f"{', '.join(NORMALIZATIONS)}")
+    curves = []
+    for (e_attn, e_ffn), h, c in zip(energies, head_curves, channel_curves):
+        s_attn, s_ffn = (1 / max(e_attn, 1e-30), 1 / max(e_ffn, 1e-30)) if normalize == "residual" else (1.0, 1.0)
+        curves.append(CostCurve(h.counts, [x * s_attn for x in h.costs], h.unit_params))
+        curves.append(CostCurve(c.counts, [x * s_ffn for x in c.costs], c.unit_params))
+    try:
+        chosen = solve_budget(curves, target_params, at_least=False)
+    except ValueError:
+        raise ScheduleError("the adaptive schedule cannot reach the requested ratio within the per-layer floors: "
+                            "lower the ratio") from None
+    plans = []
+    for i, shape in enumerate(shapes):
+        units = curves[2 * i].counts[chosen[2 * i]]
+        channels = curves[2 * i + 1].counts[chosen[2 * i + 1]]
+        plans.append(LayerPlan((units * shape.unit_params + channels * shape.channel_params) / shape.prunable,
+                               units, channels))
+    return plans
+
+
+def adaptive_plan(model: nn.Module, adapter: ModelAdapter, calibration: torch.Tensor, shapes: list[LayerShape],
+                  target_params: float, channel_multiple: int, max_ratio: float | None, device: torch.device,
+                  batch_size: int = 8, damp: float = 0.01, normalize: str = "residual", points: int = 64,
+                  exact_head_score: bool = False, progress: bool = True,
+                  times: dict | None = None) -> tuple[list[LayerPlan], dict]:
+    """The adaptive schedule's per-layer plan for `target_params` parameters, and what it measured."""
+    t = time.perf_counter()
+    heads, channels, energies = measure_cost_curves(model, adapter, calibration, shapes, channel_multiple, max_ratio,
+                                                    device, batch_size, damp, points, exact_head_score, progress)
+    plans = allocate(heads, channels, energies, shapes, target_params, normalize)
+    if times is not None:
+        times["allocation"] = round(time.perf_counter() - t, 4)
+    info = {"normalize": normalize, "residual_energy": energies,
+            "head_curves": [h.costs for h in heads], "channel_counts": [c.counts for c in channels],
+            "channel_curves": [c.costs for c in channels]}
+    return plans, info
