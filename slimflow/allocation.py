@@ -61,7 +61,7 @@ def measure_cost_curves(model: nn.Module, adapter: ModelAdapter, calibration: to
     `½ tr(ΔW H ΔWᵀ)` errors written there)."""
     layers = adapter.layers(model)
     head_dim = adapter.head_dim(model)
-    hidden, kwargs_by_size = capture_layer_inputs(model, adapter, calibration, batch_size, device)
+    inputs = capture_layer_inputs(model, adapter, calibration, batch_size, device)
     head_curves, channel_curves, energies = [], [], []
     for index, (layer, shape) in enumerate(tqdm(list(zip(layers, shapes)), desc="measuring costs", unit="layer",
                                                 disable=not progress)):
@@ -77,12 +77,13 @@ def measure_cost_curves(model: nn.Module, adapter: ModelAdapter, calibration: to
                    adapter.post_attention_norm(layer).register_forward_pre_hook(
                        lambda m, a: mid.__setitem__(0, mid[0] + float(a[0].float().pow(2).sum())))]
         try:
-            _propagate(layer, hidden, kwargs_by_size, batch_size)
+            _propagate(layer, index, inputs, batch_size, adapter)
         finally:
             for h in handles:
                 h.remove()
         # ... and after the FFN block (the layer's output), per sequence like the errors ½ tr(ΔW H ΔWᵀ)
-        energies.append((mid[0] / hidden.shape[0], float(hidden.float().pow(2).sum()) / hidden.shape[0]))
+        n = inputs.hidden.shape[0]
+        energies.append((mid[0] / n, float(inputs.hidden.float().pow(2).sum()) / n))
         stats_o.check_finite(f"layer {index} o_proj")
         stats_d.check_finite(f"layer {index} down_proj")
         max_units, max_channels = layer_limits(shape, channel_multiple, max_ratio)
