@@ -18,6 +18,7 @@ FUNCTION_COMMANDS = {
     "eval": "slimflow.evaluation.commands:eval",
     "report": "slimflow.evaluation.commands:report",
     "compare": "slimflow.commands:compare",
+    "export": "slimflow.export.commands:export",
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 

@@ -167,18 +167,27 @@ class Export(SlimflowCallback):
       before the final merge;
     - `base/`: the pruned but not finetuned model the adapter belongs to, written right after the last prune.
       `PeftModel.from_pretrained(load_pruned("base"), "adapter")` rebuilds the finetuned model.
+    - `model.gguf` (with `gguf` set): the final merged model for llama.cpp / llama-server / Ollama
+      (`slimflow.export.write_gguf`, docs/serving.md), written at the end of fit. Whether the model and its
+      tokenizer can be written is checked when fit starts, so a run never trains only to fail at the export.
 
     Args:
         dirpath: export directory.
         merged: write `model/`.
         adapter: write `adapter/`.
         base: write `base/`.
+        gguf: also write `model.gguf` with this weight type: f32, f16, bf16 or q8_0 (None: no GGUF file).
         model_attr: attribute of the LightningModule holding the Hugging Face model.
     """
 
     def __init__(self, dirpath: str | None = None, merged: bool = True, adapter: bool = True, base: bool = True,
-                 model_attr: str = "model"):
+                 gguf: str | None = None, model_attr: str = "model"):
+        from slimflow.export.gguf import DTYPES, GGUFExportError
+
+        if gguf is not None and gguf not in DTYPES:
+            raise GGUFExportError(f"Export(gguf={gguf!r}): choose one of {', '.join(DTYPES)} (or None)")
         self.dirpath, self.merged, self.adapter, self.base, self.model_attr = dirpath, merged, adapter, base, model_attr
+        self.gguf = gguf
 
     def _dir(self, trainer: Trainer) -> Path:
         return Path(self.dirpath) if self.dirpath else run_dir(trainer) / "export"
@@ -206,6 +215,28 @@ class Export(SlimflowCallback):
         if final and self.adapter and trainer.is_global_zero:
             peft_model.save_pretrained(str(self._dir(trainer) / "adapter"), safe_serialization=True)
 
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.gguf is None:
+            return
+        from slimflow.export.gguf import GGUFExportError, check_exportable
+        from slimflow.export.gguf_vocab import UnsupportedTokenizerError, vocab_from_tokenizer
+
+        model = base_model(get_model(pl_module, self.model_attr))
+        check_exportable(model)
+        try:
+            vocab_from_tokenizer(get_tokenizer(trainer, pl_module, model), model.get_input_embeddings().num_embeddings)
+        except UnsupportedTokenizerError as error:
+            raise GGUFExportError(f"Export(gguf=...) cannot write this tokenizer to GGUF: {error}") from error
+
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.merged and trainer.is_global_zero:
-            self._save(trainer, pl_module, "model", get_model(pl_module, self.model_attr))
+        if not trainer.is_global_zero:
+            return
+        model = get_model(pl_module, self.model_attr)
+        if self.merged:
+            self._save(trainer, pl_module, "model", model)
+        if self.gguf is not None:
+            from slimflow.export.gguf import write_gguf
+
+            hf_model = base_model(model)
+            write_gguf(hf_model, get_tokenizer(trainer, pl_module, hf_model), self._dir(trainer) / "model.gguf",
+                       dtype=self.gguf, overwrite=True)

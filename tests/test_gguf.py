@@ -1,0 +1,322 @@
+"""GGUF export checked in llama.cpp itself (llama-cpp-python): logits, greedy tokens and tokenization of every
+exported file against slimflow's own model, and clear refusals that leave no partial file.
+
+Tolerance: an f32 export runs in llama.cpp with an f32 KV cache, so the two runtimes compute the same f32
+arithmetic in a different summation order (ggml's SIMD dot products vs PyTorch's GEMM); the difference measured
+is ~1e-5 of the logit scale, and the tests allow `F32_ATOL = 5e-4` absolute (logits reach ~20 on the reference
+model). A wrong head dimension, rope layout, bias or layer width moves logits by whole units, so the margin still
+separates right from wrong by three orders of magnitude. f16/bf16/q8_0 files round the weights; for them the
+tests check the rounding error's size and the greedy tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import HELD_OUT_TEXT, REFERENCE_MODEL, require_shared
+from slimflow.checkpoint import load_pruned, save_pruned
+from slimflow.cli import main
+from slimflow.export.gguf import GGUFExportError, write_gguf
+from slimflow.export.verify import compare_with_llama_cpp, load_llama_cpp
+from slimflow.surgery import layer_widths, prune_channels, prune_heads
+from tiny_models import tiny_model
+
+import llama_cpp  # noqa: F401  a test dependency (pyproject [test]): a missing install fails, never skips
+
+F32_ATOL = 5e-4
+NEW_TOKENS = 32
+TEXT = ("The history of the city begins in 1820, when settlers built a mill on the river. It cost $1,234.56 -- "
+        "didn't it?\n\nYes: the naïve café owners' records say so.")
+PROMPT = "The history of the city begins in the early nineteenth century, when"
+_TRAIN_TEXT = [
+    "the quick brown fox jumps over the lazy dog while the river runs past the old mill",
+    "in 1820 settlers built a mill; it cost $1,234.56 and didn't last long",
+    "records of the naive cafe owners say the city grew around the river and the market square",
+] * 20
+
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def bpe_tokenizer(pre: str = "gpt2", vocab_size: int = 400):
+    """A byte-level BPE tokenizer trained on a few sentences (`pre`: gpt2 or qwen2 pre-tokenization)."""
+    from tokenizers import ByteLevelBPETokenizer, Regex, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(_TRAIN_TEXT, vocab_size=vocab_size, min_frequency=1,
+                            special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    backend = bpe._tokenizer
+    if pre == "qwen2":
+        backend.normalizer = normalizers.NFC()
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def prune_by_plan(model, plan):
+    """Remove whole KV groups and FFN channels: `plan[i] = (kept KV groups, kept channels)` for layer i."""
+    from slimflow.adapters import get_adapter
+
+    adapter = get_adapter(model)
+    head_dim = adapter.head_dim(model)
+    for layer, (units, channels) in zip(adapter.layers(model), plan):
+        prune_heads(adapter, layer, head_dim, units)
+        prune_channels(adapter, layer, channels)
+    return model
+
+
+def export_and_compare(model, tokenizer, directory: Path, dtype: str = "f32", text: str = TEXT):
+    """save_pruned -> `slimflow export` -> llama.cpp, compared with `load_pruned` of the same checkpoint."""
+    save_pruned(model, directory / "ckpt", tokenizer=tokenizer, overwrite=True)
+    out = directory / f"model-{dtype}.gguf"
+    assert main(["export", "--format", "gguf", "--model", str(directory / "ckpt"), "--output", str(out),
+                 "--dtype", dtype, "--overwrite", "true"]) == 0
+    reference = load_pruned(directory / "ckpt", dtype=torch.float32)
+    ids = tokenizer(text)["input_ids"]
+    llm = load_llama_cpp(out, n_ctx=len(ids) + NEW_TOKENS + 8)
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer(
+        text, add_special_tokens=False)["input_ids"]
+    return compare_with_llama_cpp(reference, out, ids, NEW_TOKENS, llm=llm), out
+
+
+def assert_equivalent(result, atol=F32_ATOL):
+    assert result.max_abs_logit_diff < atol, result
+    assert result.tokens_matched == NEW_TOKENS, result
+
+
+def record(name, result, path):
+    """Print the measurement (visible with -s / in CI logs) for docs/results.md."""
+    print(f"\nGGUF {name}: max|dlogit| {result.max_abs_logit_diff:.2e} (logit scale {result.logit_scale:.1f}), "
+          f"greedy {result.tokens_matched}/{result.new_tokens}, file {Path(path).stat().st_size} B")
+
+
+# ----------------------------------------------------------------------------------------------- tiny models
+
+
+def test_gqa_pruned_by_kv_groups_with_head_dim_not_hidden_over_heads(tmp_path):
+    # head_dim 32 with hidden 64 and 4 heads: llama.cpp's fallback hidden/heads[0] would be 16 (or 32 after
+    # layer 0 lost a group), so only an explicit key_length makes this file load and match.
+    model = tiny_model("llama_gqa", head_dim=32, vocab_size=420)
+    prune_by_plan(model, [([1], list(range(0, 96, 2))), ([0, 1], list(range(70))), ([0], list(range(5, 96)))])
+    assert [(w.num_attention_heads, w.num_key_value_heads) for w in layer_widths(model)] == [(2, 1), (4, 2), (2, 1)]
+    result, path = export_and_compare(model, bpe_tokenizer(), tmp_path)
+    record("tiny GQA pruned", result, path)
+    assert_equivalent(result)
+
+
+def test_qwen2_biases_and_tied_embeddings(tmp_path):
+    model = tiny_model("qwen2", vocab_size=400)
+    prune_by_plan(model, [([0], list(range(40))), ([1], list(range(96))), ([0, 1], list(range(1, 90)))])
+    tokenizer = bpe_tokenizer("qwen2")
+    result, path = export_and_compare(model, tokenizer, tmp_path)
+    record("tiny Qwen2 pruned", result, path)
+    assert_equivalent(result)
+    # the biases matter: the same file without them is measurably different
+    model2 = load_pruned(tmp_path / "ckpt")
+    for layer in model2.model.layers:
+        layer.self_attn.q_proj.bias.data.zero_()
+    write_gguf(model2, tokenizer, tmp_path / "nobias.gguf", dtype="f32")
+    ids = tokenizer(TEXT)["input_ids"]
+    no_bias = compare_with_llama_cpp(load_pruned(tmp_path / "ckpt"), tmp_path / "nobias.gguf", ids, 4)
+    assert no_bias.max_abs_logit_diff > 100 * F32_ATOL
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0},
+                                  {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "rope_theta": 10000.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64}])
+def test_dense_llama_with_rope_scaling(tmp_path, rope):
+    model = tiny_model("llama", vocab_size=400, rope_parameters=rope)
+    result, path = export_and_compare(model, bpe_tokenizer(), tmp_path)
+    assert_equivalent(result)
+
+
+def test_dense_mistral(tmp_path):
+    result, path = export_and_compare(tiny_model("mistral", vocab_size=400, sliding_window=None), bpe_tokenizer(),
+                                      tmp_path)
+    record("tiny Mistral dense", result, path)
+    assert_equivalent(result)
+
+
+@pytest.mark.parametrize("dtype,atol", [("f16", 0.05), ("bf16", 0.3), ("q8_0", 0.3)])
+def test_reduced_precision_exports(tmp_path, dtype, atol):
+    model = tiny_model("llama_gqa", vocab_size=400)
+    prune_by_plan(model, [([1], list(range(64))), ([0, 1], list(range(96))), ([0], list(range(32)))])
+    result, path = export_and_compare(model, bpe_tokenizer(), tmp_path, dtype=dtype)
+    record(f"tiny GQA {dtype}", result, path)
+    # rounded (so the dtype really changed), but only by weight rounding; greedy tokens of a random tiny model
+    # sit near ties, so they are compared on the trained reference model instead
+    assert F32_ATOL / 100 < result.max_abs_logit_diff < atol
+
+
+# ----------------------------------------------------------------------------------------------- reference model
+
+
+@pytest.fixture(scope="module")
+def reference():
+    require_shared(REFERENCE_MODEL)
+    require_shared(HELD_OUT_TEXT)
+    from slimflow.data.calibration import calibration_ids
+    from slimflow.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(REFERENCE_MODEL))
+    calib = calibration_ids(str(HELD_OUT_TEXT), tokenizer, num_samples=8, seqlen=128, sampling="tail")
+    return tokenizer, calib
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("ratio", [0.0, 0.2, 0.5])
+def test_reference_model_dense_and_pruned(reference, tmp_path, ratio):
+    import slimflow
+    from slimflow.models import load_model
+
+    tokenizer, calib = reference
+    model = load_model(str(REFERENCE_MODEL), dtype="float32", device="cpu")
+    if ratio:
+        slimflow.prune(model, calib, ratio=ratio, progress=False)
+        widths = layer_widths(model)
+        assert len({w.num_attention_heads for w in widths}) > 1 and len({w.intermediate_size for w in widths}) > 1
+    result, path = export_and_compare(model, tokenizer, tmp_path, text=PROMPT)
+    record(f"ref-llama-27m ratio {ratio}", result, path)
+    assert_equivalent(result)
+    if ratio == 0.2:  # the serving dtypes on a trained model: rounding-sized differences, same greedy text
+        for dtype, atol, matched in (("f16", 0.1, NEW_TOKENS), ("q8_0", 0.5, 8)):
+            result, path = export_and_compare(model, tokenizer, tmp_path, dtype=dtype, text=PROMPT)
+            record(f"ref-llama-27m ratio {ratio} {dtype}", result, path)
+            assert result.max_abs_logit_diff < atol and result.tokens_matched >= matched, result
+
+
+# ----------------------------------------------------------------------------------------------- refusals
+
+
+def _no_partial_files(directory: Path):
+    return [p.name for p in directory.iterdir() if ".partial" in p.name or p.suffix == ".gguf"]
+
+
+def test_unsupported_and_corrupt_inputs_fail_clearly_and_leave_nothing(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tiny_models import tiny_tokenizer
+
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / "m.gguf"
+
+    # an unsupported family
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=400)).eval()
+    with pytest.raises(GGUFExportError, match="model_type='gpt2'.*supported: llama, mistral, qwen2"):
+        write_gguf(gpt2, bpe_tokenizer(), target)
+    # a tokenizer GGUF cannot express (word-level)
+    with pytest.raises(GGUFExportError, match="BPE tokenizers only"):
+        write_gguf(tiny_model("llama"), tiny_tokenizer(), target)
+    # a rope scaling deci does not reproduce
+    with pytest.raises(GGUFExportError, match="rope types"):
+        write_gguf(tiny_model("llama", vocab_size=400, rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                                        "rope_theta": 1e4}), bpe_tokenizer(), target)
+    # NaN weights: refused while writing, after the temporary file was started
+    bad = tiny_model("llama", vocab_size=400)
+    bad.model.layers[2].mlp.down_proj.weight.data[0, 0] = float("nan")
+    with pytest.raises(GGUFExportError, match="blk.2.ffn_down.weight holds NaN"):
+        write_gguf(bad, bpe_tokenizer(), target)
+    with pytest.raises(GGUFExportError, match="dtype 'q4'"):
+        write_gguf(tiny_model("llama", vocab_size=400), bpe_tokenizer(), target, dtype="q4")
+    assert _no_partial_files(out) == []
+
+    # through the command line: a truncated safetensors file, a missing directory, an existing output
+    ckpt = tmp_path / "ckpt"
+    save_pruned(tiny_model("llama", vocab_size=400), ckpt, tokenizer=bpe_tokenizer())
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(GGUFExportError, match=r"^cannot load the model in .*ckpt: "):
+        main(["export", "--model", str(ckpt), "--output", str(target)])
+    with pytest.raises(GGUFExportError, match="no model directory"):
+        main(["export", "--model", str(tmp_path / "missing"), "--output", str(target)])
+    with pytest.raises(GGUFExportError, match="--format 'onnx'"):
+        main(["export", "--format", "onnx", "--model", str(ckpt), "--output", str(target)])
+    assert _no_partial_files(out) == []
+    target.write_bytes(b"keep me")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        main(["export", "--model", str(ckpt), "--output", str(target)])
+    assert target.read_bytes() == b"keep me"
+
+
+def test_failed_overwrite_keeps_the_old_file(tmp_path):
+    target = tmp_path / "m.gguf"
+    write_gguf(tiny_model("llama", vocab_size=400), bpe_tokenizer(), target, dtype="f32")
+    before = target.read_bytes()
+    bad = tiny_model("llama", vocab_size=400)
+    bad.lm_head.weight.data[3, 3] = float("inf")
+    with pytest.raises(GGUFExportError, match="output.weight"):
+        write_gguf(bad, bpe_tokenizer(), target, overwrite=True)
+    assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+def test_written_metadata_is_what_deci_reads(tmp_path):
+    """Per-layer arrays and the explicit head size, read back with gguf's own reader."""
+    from gguf import GGUFReader
+
+    model = tiny_model("llama_gqa", head_dim=32, vocab_size=420)
+    prune_by_plan(model, [([1], list(range(64))), ([0, 1], list(range(96))), ([0], list(range(32)))])
+    write_gguf(model, bpe_tokenizer(), tmp_path / "m.gguf", dtype="f32")
+    fields = GGUFReader(tmp_path / "m.gguf").fields
+    value = lambda key: fields[key].contents()  # noqa: E731
+    assert value("general.architecture") == "deci"
+    assert value("deci.attention.head_count") == [2, 4, 2]
+    assert value("deci.attention.head_count_kv") == [1, 2, 1]
+    assert value("deci.feed_forward_length") == [64, 96, 32]
+    assert value("deci.attention.key_length") == value("deci.attention.value_length") == 32
+    assert value("deci.rope.dimension_count") == 32
+    assert len(value("tokenizer.ggml.tokens")) == 420  # padded to the embedding rows
+    assert value("tokenizer.ggml.tokens")[-1] == "[PAD419]"
+    json.dumps(value("tokenizer.ggml.merges")[:3])
+
+
+def test_export_callback_writes_gguf_at_fit_end(tmp_path):
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from slimflow.lightning import Export
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model, self.tokenizer = tiny_model("llama_gqa", vocab_size=400), bpe_tokenizer()
+
+        def training_step(self, batch, batch_idx):
+            return self.model(input_ids=batch, labels=batch).loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=1e-2)
+
+    with pytest.raises(GGUFExportError, match="q4"):
+        Export(gguf="q4")
+    module = Module()
+    data = DataLoader(list(torch.randint(3, 400, (4, 16), generator=torch.Generator().manual_seed(0))), batch_size=2)
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_epochs=1, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[Export(gguf="f32", adapter=False, base=False)])
+    trainer.fit(module, train_dataloaders=data)
+    path = tmp_path / "export" / "model.gguf"
+    ids = module.tokenizer(TEXT)["input_ids"]
+    assert_equivalent(compare_with_llama_cpp(module.model.eval(), path, ids, NEW_TOKENS))
+
+    # a tokenizer GGUF cannot hold is refused when fit starts, before any training
+    from tiny_models import tiny_tokenizer
+
+    module = Module()
+    module.tokenizer = tiny_tokenizer()
+    trainer = pl.Trainer(default_root_dir=tmp_path / "b", max_epochs=1, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[Export(gguf="f16", merged=False, adapter=False, base=False)])
+    with pytest.raises(GGUFExportError, match="BPE tokenizers only"):
+        trainer.fit(module, train_dataloaders=data)
+    assert not (tmp_path / "b" / "export").exists()
