@@ -8,4 +8,7 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi
+# The test extra holds llama-cpp-python, which pip compiles from source (llama.cpp, several minutes on 2 cores).
+# slimflow uses only its text models, so its multimodal library is not built unless CMAKE_ARGS asks for it.
+export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}"
 "$PY" -m pip install -q -e ".[test]"
