@@ -89,7 +89,10 @@ def user_batches(model_dir: str, n: int = 16, seqlen: int = 32) -> DataLoader:
     return DataLoader(list(ids), batch_size=4)
 
 
-def test_user_module_gains_pruning_lora_eval_export(assets, tmp_path):
+def test_user_module_gains_pruning_lora_eval_export(assets, tmp_path, capsys):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
     from peft import PeftModel
 
     from slimflow.checkpoint import load_pruned
@@ -102,13 +105,16 @@ def test_user_module_gains_pruning_lora_eval_export(assets, tmp_path):
         Export(model_attr="net"),
         Evaluation(ppl=[spec], max_windows=8, samples=2, sample_tokens=5, model_attr="net"),
         LoRARecovery(r=4, alpha=8, dropout=0.0, model_attr="net"),
-        StructuredPruning(ratio=0.2, schedule=RatioSchedule("uniform"), model_attr="net", progress=False),
+        StructuredPruning(ratio=0.2, schedule=RatioSchedule("uniform"), model_attr="net"),
         Calibration(source=assets["text"], num_samples=8, seqlen=32),
     ]  # deliberately out of order: the callbacks coordinate through events, not list order
-    trainer = pl.Trainer(default_root_dir=tmp_path, max_epochs=1, accelerator="cpu", logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=callbacks)
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_epochs=1, accelerator="cpu",
+                         logger=CSVLogger(tmp_path, name="logs"), enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
     trainer.fit(module, train_dataloaders=user_batches(assets["model"]))
+    printed = capsys.readouterr()
+    assert "slimflow: pruning 20%" in printed.out and "slimflow: pruned: perplexity" in printed.out
+    assert "pruning layers" not in printed.err  # enable_progress_bar=False: status lines, no bars
 
     assert not isinstance(module.net, PeftModel)  # LoRA merged at the end
     params = count_parameters(module.net)
@@ -133,6 +139,31 @@ def test_user_module_gains_pruning_lora_eval_export(assets, tmp_path):
         torch.testing.assert_close(rebuilt.merge_and_unload()(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)
     assert (tmp_path / "export" / "adapter" / "adapter_model.safetensors").is_file()
     assert metrics["finetuned"]["perplexity"][spec]["value"] == pytest.approx(s["finetuned"]["ppl"])
+
+    # the same numbers went through the Trainer's logger
+    with open(tmp_path / "logs" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    logged = {k: float(v) for row in rows for k, v in row.items() if v not in ("", None)}
+    for name in ("dense", "pruned", "finetuned"):
+        assert logged[f"eval/{name}/ppl"] == pytest.approx(s[name]["ppl"])
+        assert logged[f"eval/{name}/parameters"] == s[name]["parameters"]
+    pruning = json.loads((tmp_path / "pruning.json").read_text())["reports"][0]
+    assert logged["pruning/params_before"] == dense_params and logged["pruning/params_after"] == params
+    assert logged["pruning/realised_fraction"] == pytest.approx(pruning["realised_fraction"])
+    for layer in pruning["layers"]:
+        assert logged[f"pruning/layer_{layer['index']}/ffn_error"] == pytest.approx(layer["ffn_error"])
+        assert logged[f"pruning/layer_{layer['index']}/attn_heads"] == layer["widths"]["num_attention_heads"]
+
+
+def test_pruning_progress_bars_follow_the_trainer(assets, tmp_path, capsys):
+    callbacks = [Calibration(source=assets["text"], num_samples=4, seqlen=32),
+                 StructuredPruning(ratio=0.2, schedule=RatioSchedule("uniform"), model_attr="net")]
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=1, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=True, enable_model_summary=False,
+                         callbacks=callbacks)
+    trainer.fit(UserModule(assets["model"]), train_dataloaders=user_batches(assets["model"]))
+    printed = capsys.readouterr()
+    assert "pruning layers" in printed.err and "slimflow: pruned in" in printed.out
 
 
 def test_lora_only_without_pruning(assets, tmp_path):

@@ -29,8 +29,17 @@ class Crash(Callback):
             raise RuntimeError("simulated kill")
 
 
-def tiny_config(name: str, assets: dict, run: Path, extra_callbacks=(), **trainer) -> Path:
-    """configs/NAME retargeted at the tiny model and data; returns the written config path."""
+class MidEpochCrash(Callback):
+    """Simulates a run killed during finetuning, at optimizer step 7 of the demo's 10-step epoch."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 7:
+            raise RuntimeError("simulated kill")
+
+
+def tiny_config(name: str, assets: dict, run: Path, extra_callbacks=(), batch_size: int = 4, **trainer) -> Path:
+    """configs/NAME retargeted at the tiny model and data; returns the written config path. With
+    `batch_size=1` an epoch of the tiny data has the demo's 10 optimizer steps (40 records, accumulation 4)."""
     config = yaml.safe_load((REPO / "configs" / name).read_text())
     config["trainer"].update(default_root_dir=str(run), **trainer)
     for cb in config["trainer"]["callbacks"]:
@@ -44,7 +53,7 @@ def tiny_config(name: str, assets: dict, run: Path, extra_callbacks=(), **traine
             args.update(r=4, alpha=8)
     config["trainer"]["callbacks"] += [{"class_path": c} for c in extra_callbacks]
     config["model"]["init_args"].update(pretrained=assets["model"], warmup_steps=2)
-    config["data"]["init_args"].update(path=assets["alpaca"], limit=None, val_size=8, batch_size=4,
+    config["data"]["init_args"].update(path=assets["alpaca"], limit=None, val_size=8, batch_size=batch_size,
                                        eval_batch_size=8, cutoff_len=256)
     path = run.parent / f"{run.name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,8 +86,9 @@ def test_resume_does_not_prune_again_and_matches_uninterrupted(assets, tmp_path,
     import slimflow.api
     from slimflow.checkpoint import load_pruned
 
-    fit(tiny_config("demo.yaml", assets, tmp_path / "straight", max_epochs=2))
-    crashed = tiny_config("demo.yaml", assets, tmp_path / "crashed", ["test_lightning_cli.Crash"], max_epochs=2)
+    fit(tiny_config("demo.yaml", assets, tmp_path / "straight", batch_size=1, max_epochs=2))
+    crashed = tiny_config("demo.yaml", assets, tmp_path / "crashed", ["test_lightning_cli.Crash"], batch_size=1,
+                          max_epochs=2)
     with pytest.raises(RuntimeError, match="simulated kill"):
         fit(crashed)
     assert (tmp_path / "crashed" / "checkpoints" / "last.ckpt").is_file()
@@ -88,7 +98,7 @@ def test_resume_does_not_prune_again_and_matches_uninterrupted(assets, tmp_path,
         raise AssertionError("resume must rebuild the pruned widths from the checkpoint, not prune again")
 
     monkeypatch.setattr(slimflow.api, "prune", no_pruning)
-    resumed = tiny_config("demo.yaml", assets, tmp_path / "crashed", max_epochs=2)
+    resumed = tiny_config("demo.yaml", assets, tmp_path / "crashed", batch_size=1, max_epochs=2)
     fit(resumed, "--ckpt_path", "last")
 
     straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())["summary"]
@@ -100,6 +110,35 @@ def test_resume_does_not_prune_again_and_matches_uninterrupted(assets, tmp_path,
     a = load_pruned(tmp_path / "straight" / "export" / "model").state_dict()
     b = load_pruned(tmp_path / "crashed" / "export" / "model").state_dict()
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_demo_killed_mid_epoch_resumes_without_pruning_and_prints_the_summary(assets, tmp_path, monkeypatch,  # noqa: F811
+                                                                             capsys):
+    import slimflow.api
+
+    run = tmp_path / "demo"
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        fit(tiny_config("demo.yaml", assets, run, ["test_lightning_cli.MidEpochCrash"], batch_size=1))
+    saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["epoch"] == 0 and saved["global_step"] == 5  # the demo's mid-epoch checkpoint
+    assert saved["slimflow"]["lora"] is not None
+    capsys.readouterr()
+
+    def no_pruning(*args, **kwargs):
+        raise AssertionError("resume must rebuild the pruned widths from the checkpoint, not prune again")
+
+    monkeypatch.setattr(slimflow.api, "prune", no_pruning)
+    fit(tiny_config("demo.yaml", assets, run, batch_size=1), "--ckpt_path", "last")
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 10
+
+    summary = json.loads((run / "metrics.json").read_text())["summary"]
+    out = capsys.readouterr().out
+    printed = out[out.index("slimflow: fit finished"):]
+    for name in ("dense", "pruned", "finetuned"):
+        assert f"{name} {summary[name]['ppl']:.2f}" in printed and f"{name} {summary[name]['parameters']:,}" in printed
+    for path in ("metrics.json", "pruning_report.md", "export/model", "export/adapter", "export/base", "last.ckpt"):
+        assert str(run / path) in printed or path in printed.replace(str(run) + "/", ""), path
+    assert "removed (target 20.00%)" in printed
 
 
 def test_iterative_recipe_per_stage_parameter_counts(assets, tmp_path):  # noqa: F811

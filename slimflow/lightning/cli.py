@@ -2,7 +2,8 @@
 
 One run, one directory: `trainer.default_root_dir` (e.g. `runs/demo`) receives `config.yaml` (the resolved
 config), `checkpoints/`, `logs/` (CSV), `pruning_report.md`, `pruning_widths.png`, `pruning.json`,
-`metrics.json` and `export/`. `--ckpt_path last` resumes from `<run>/checkpoints/last.ckpt`: the pruned
+`metrics.json` and `export/`; `fit` ends with a short summary of the perplexities, parameter counts and these
+paths on the terminal. `--ckpt_path last` resumes from `<run>/checkpoints/last.ckpt`: the pruned
 architecture is rebuilt from the checkpoint in the callbacks' `setup`, nothing is pruned again.
 """
 
@@ -11,12 +12,14 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import time
 from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
+from slimflow.lightning.logs import fit_summary
 from slimflow.lightning.module import CausalLMModule
 
 
@@ -52,7 +55,10 @@ class SlimflowCLI(LightningCLI):
     # resolves `fit(ckpt_path=...)`, so the path is resolved here and assigned to `trainer.ckpt_path`.
     def fit(self, model, datamodule=None, ckpt_path=None, **kwargs):
         self._prepare("config.yaml", ckpt_path)
+        started = time.perf_counter()
         self.trainer.fit(model, datamodule=datamodule, **kwargs)
+        if self.trainer.is_global_zero:
+            print(fit_summary(self.trainer, time.perf_counter() - started), flush=True)
 
     def validate(self, model, datamodule=None, ckpt_path=None, **kwargs):
         self._prepare("config_validate.yaml", ckpt_path)

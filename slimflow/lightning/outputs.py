@@ -11,6 +11,7 @@ from lightning.pytorch import LightningModule, Trainer
 from slimflow.lightning.access import (
     SlimflowCallback, base_model, get_model, get_tokenizer, require_local, run_dir, slimflow_callbacks,
 )
+from slimflow.lightning.logs import evaluation_metrics, log_metrics, say
 
 
 class Evaluation(SlimflowCallback):
@@ -21,7 +22,8 @@ class Evaluation(SlimflowCallback):
     the next prune and at the end of fit, after the LoRA merge). The file holds the final model's
     `evaluate_model` dict at the top level (what `slimflow report` reads), `summary` (perplexity of the first
     spec and parameter count for dense / pruned / finetuned), each full result, and `stages` for iterative
-    recipes. Measurements are kept in the callback state, so a resumed run still reports all of them.
+    recipes. Measurements are kept in the callback state, so a resumed run still reports all of them. Each
+    measurement also goes to the Trainer's loggers (`eval/dense/ppl`, ...; see `slimflow.lightning.logs`).
 
     Args:
         ppl: perplexity specs `NAME:WINDOW` (`wikitext2:128`, `path/to/text.txt.gz:128`, ...).
@@ -37,12 +39,13 @@ class Evaluation(SlimflowCallback):
         filename: output file name in `dirpath`.
         dirpath: output directory (default: the trainer's `default_root_dir`).
         model_attr: attribute of the LightningModule holding the Hugging Face model.
+        progress: print a line when each evaluation starts and ends.
     """
 
     def __init__(self, ppl: list[str] | None = None, tasks: list[str] | None = None, limit: int | None = None,
                  batch_size: int = 8, max_windows: int | None = None, max_tokens: int | None = None,
                  dense: bool = True, samples: int = 3, sample_tokens: int = 48, filename: str = "metrics.json",
-                 dirpath: str | None = None, model_attr: str = "model"):
+                 dirpath: str | None = None, model_attr: str = "model", progress: bool = True):
         from slimflow.evaluation.perplexity import PRESETS, parse_spec
 
         self.ppl = list(ppl) if ppl is not None else ["wikitext2:128"]
@@ -55,7 +58,7 @@ class Evaluation(SlimflowCallback):
         self.dense, self.filename, self.dirpath, self.model_attr = dense, filename, dirpath, model_attr
         if samples < 0 or sample_tokens < 1:
             raise ValueError(f"samples must be ≥ 0 and sample_tokens ≥ 1, got {samples} and {sample_tokens}")
-        self.samples, self.sample_tokens = samples, sample_tokens
+        self.samples, self.sample_tokens, self.progress = samples, sample_tokens, progress
         self.results: dict = {"stages": []}
         self._texts: dict = {}
 
@@ -90,7 +93,14 @@ class Evaluation(SlimflowCallback):
                                 max_new_tokens=self.sample_tokens)
 
     def _record(self, trainer, pl_module, name: str, stage: int | None = None) -> None:
+        if self.progress:
+            say(trainer, f"evaluating the {name} model ({', '.join(self.ppl + self.tasks)})")
         result = self.evaluate(trainer, pl_module)
+        metrics = evaluation_metrics(name, result, self.ppl)
+        log_metrics(trainer, metrics)
+        if self.progress and f"eval/{name}/ppl" in metrics:
+            say(trainer, f"{name}: perplexity {metrics[f'eval/{name}/ppl']:.2f}, "
+                         f"{result['model']['parameters']:,} parameters ({result['seconds']['total']:.0f} s)")
         if self.samples:
             result["samples"] = self._generate(trainer, pl_module)
         self.results[name] = result
@@ -106,7 +116,9 @@ class Evaluation(SlimflowCallback):
         if stage == 0 and self.dense:
             self._record(trainer, pl_module, "dense")
         elif stage > 0:  # the previous stage's finetuned model; not the run's final result
-            self.results["stages"][stage - 1]["finetuned"] = self.evaluate(trainer, pl_module)
+            result = self.evaluate(trainer, pl_module)
+            self.results["stages"][stage - 1]["finetuned"] = result
+            log_metrics(trainer, evaluation_metrics("finetuned", result, self.ppl))
 
     def on_after_prune(self, trainer, pl_module, stage, report) -> None:
         self._record(trainer, pl_module, "pruned", stage)

@@ -15,6 +15,7 @@ from slimflow.lightning.access import (
     get_tokenizer, notify, run_dir, slimflow_callbacks,
 )
 from slimflow.lightning.data import CalibrationData
+from slimflow.lightning.logs import log_metrics, pruning_metrics, say
 from slimflow.lightning.report import write_pruning_report
 from slimflow.lightning.restore import restore_known_checkpoint, save_architecture
 
@@ -120,7 +121,8 @@ class StructuredPruning(SlimflowCallback):
         device: where each layer is processed (default: CUDA if available).
         model_attr: attribute of the LightningModule holding the Hugging Face model.
         dirpath: where the pruning report goes.
-        progress: show per-layer progress bars.
+        progress: print what the prune is doing, with per-layer progress bars where the Trainer shows progress
+            bars (`enable_progress_bar`).
     """
 
     def __init__(self, ratio: float | list[float] = 0.2, at_epochs: list[int] | None = None,
@@ -218,14 +220,27 @@ class StructuredPruning(SlimflowCallback):
         if self.dense_params is None:
             self.dense_params = count_parameters(model)
             self.dense_widths = [list(w.to_dict().values()) for w in layer_widths(model)]
-        calibration = slimflow_callbacks(trainer, Calibration)[0].ids(trainer, pl_module, model)
+        calibrate = slimflow_callbacks(trainer, Calibration)[0]
+        stage = f"stage {k + 1}/{len(self.ratios)}: " if len(self.ratios) > 1 else ""
+        if self.progress:
+            say(trainer, f"{stage}drawing {calibrate.data.num_samples} x {calibrate.data.seqlen} calibration tokens "
+                         f"from {calibrate.data.source}")
+        calibration = calibrate.ids(trainer, pl_module, model)
+        if self.progress:
+            say(trainer, f"{stage}pruning {self.ratios[k]:.0%} of {self.dense_params:,} parameters with {self.method} "
+                         f"({self.schedule.name}), layer by layer")
+        bars = self.progress and trainer.progress_bar_callback is not None  # the Trainer's progress-bar setting
         with torch.no_grad():
             report = prune(model, calibration, ratio=self.ratios[k], method=self.method,
                            reference_params=self.dense_params, batch_size=self.batch_size, device=self.device,
-                           progress=self.progress, method_kwargs=self.method_kwargs, **self.schedule.kwargs())
+                           progress=bars, method_kwargs=self.method_kwargs, **self.schedule.kwargs())
         self.stage = k + 1
         self.widths = [list(w.to_dict().values()) for w in report.widths]
         self.reports.append(_light_report(report))
+        if self.progress:
+            say(trainer, f"{stage}pruned in {report.wall_time:.1f} s: {report.params_before:,} -> "
+                         f"{report.params_after:,} parameters ({report.realised_fraction:.2%} of the dense model removed)")
+        log_metrics(trainer, pruning_metrics(self.reports[-1], k))
         if trainer.is_global_zero:
             self.write_report(trainer)
         notify(trainer, "on_after_prune", pl_module, k, report)
