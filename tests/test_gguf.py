@@ -137,6 +137,7 @@ def test_qwen2_biases_and_tied_embeddings(tmp_path):
 def test_dense_llama_with_rope_scaling(tmp_path, rope):
     model = tiny_model("llama", vocab_size=400, rope_parameters=rope)
     result, path = export_and_compare(model, bpe_tokenizer(), tmp_path)
+    record(f"tiny LLaMA dense, {rope['rope_type']} rope", result, path)
     assert_equivalent(result)
 
 
@@ -355,6 +356,7 @@ def test_sentencepiece_style_tokenizer_with_byte_fallback(tmp_path):
     assert ids[0] == 1 and any(3 <= i < 259 for i in ids)  # BOS added, accented letters fall back to bytes
     model = tiny_model("llama", vocab_size=len(tokenizer) + 4)
     result, path = export_and_compare(model, tokenizer, tmp_path)
+    record("tiny LLaMA dense, SentencePiece-style tokenizer", result, path)
     assert_equivalent(result)
     llm = load_llama_cpp(path, n_ctx=256)
     assert llm.tokenize(TEXT.encode(), add_bos=True) == ids
