@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 
-def export(*, model: str, output: str, format: str = "gguf", dtype: str = "f16", overwrite: bool = False) -> dict:
+def export(*, model: str, output: str, format: Literal["gguf"] = "gguf",
+           dtype: Literal["f32", "f16", "bf16", "q8_0"] = "f16", overwrite: bool = False) -> dict:
     """Export a slimflow checkpoint (or a dense Hugging Face model directory) for a serving runtime.
 
     GGUF files run in llama.cpp and everything built on it (llama-server, Ollama, LM Studio) through its
