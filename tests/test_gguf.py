@@ -39,6 +39,8 @@ _TRAIN_TEXT = [
     "records of the naive cafe owners say the city grew around the river and the market square",
 ] * 20
 
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
@@ -55,10 +57,13 @@ def bpe_tokenizer(pre: str = "gpt2", vocab_size: int = 400):
     bpe.train_from_iterator(_TRAIN_TEXT, vocab_size=vocab_size, min_frequency=1,
                             special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
     backend = bpe._tokenizer
-    if pre == "qwen2":
-        backend.normalizer = normalizers.NFC()
+    if pre in ("qwen2", "llama3"):
+        if pre == "qwen2":
+            backend.normalizer = normalizers.NFC()
+        else:
+            backend.model.ignore_merges = True  # as LLaMA-3's tokenizer.json has it
         backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT if pre == "qwen2" else LLAMA3_SPLIT), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
@@ -139,6 +144,16 @@ def test_dense_llama_with_rope_scaling(tmp_path, rope):
     result, path = export_and_compare(model, bpe_tokenizer(), tmp_path)
     record(f"tiny LLaMA dense, {rope['rope_type']} rope", result, path)
     assert_equivalent(result)
+
+
+def test_llama3_style_tokenizer(tmp_path):
+    tokenizer = bpe_tokenizer("llama3")
+    result, path = export_and_compare(tiny_model("llama", vocab_size=400), tokenizer, tmp_path)
+    record("tiny LLaMA dense, LLaMA-3 pre-tokenizer", result, path)
+    assert_equivalent(result)
+    tokenizer.backend_tokenizer.model.ignore_merges = False  # llama.cpp's llama-bpe cannot express this
+    with pytest.raises(GGUFExportError, match="ignore_merges=False"):
+        write_gguf(tiny_model("llama", vocab_size=400), tokenizer, tmp_path / "x.gguf")
 
 
 def test_dense_mistral(tmp_path):

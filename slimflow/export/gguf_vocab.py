@@ -26,6 +26,7 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _SPLIT_PATTERNS = {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"}
+_IGNORES_MERGES = ("llama-bpe",)
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
@@ -82,6 +83,12 @@ def vocab_from_tokenizer(tokenizer, n_vocab: int) -> GGUFVocab:
         kind, pre, add_space_prefix = "llama", "default", _spm_space_prefix(data)
     else:
         kind, pre, add_space_prefix = "gpt2", _byte_level_pre(data), None
+        # llama.cpp ties "look a whole pre-tokenized word up before merging" to the pre-tokenizer name
+        implied = pre in _IGNORES_MERGES
+        if bool(model.get("ignore_merges", False)) != implied:
+            raise UnsupportedTokenizerError(
+                f"the tokenizer has ignore_merges={bool(model.get('ignore_merges'))}, but llama.cpp's {pre!r} "
+                f"pre-tokenizer {'always' if implied else 'never'} looks whole words up before merging")
 
     pieces: dict[int, str] = {int(i): piece for piece, i in model["vocab"].items()}
     added = {int(t["id"]): t for t in data.get("added_tokens") or []}
