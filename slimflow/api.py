@@ -151,6 +151,7 @@ def prune(
     data_parallel: bool | None = None,
     process_group=None,
     schedule_options: dict | None = None,
+    layer_store=None,
 ) -> PruneReport:
     """Physically remove head units and FFN channels from `model`, in place.
 
@@ -186,6 +187,8 @@ def prune(
         process_group: the group to share over (default: the default group).
         schedule_options: options of the `adaptive` schedule (`normalize`: `residual` or `none`; `points`:
             channel-curve grid size), see `slimflow.allocation.adaptive_plan`.
+        layer_store: where each decoder layer comes from and goes to (default: the layers in `model`, moved to
+            `device` one at a time); `slimflow.streaming` passes one that reads and writes checkpoint shards.
     """
     start = time.perf_counter()
     adapter = get_adapter(model)
@@ -237,7 +240,8 @@ def prune(
                 layers = layer_plan.layers
             layers = dp.broadcast_object(layers)  # one width plan everywhere, even from a method's own allocation
             results = prune_layers(model, adapter, shard, layers, pruner, dev, batch_size, progress,
-                                   times=times, replay_attention=replay_attention, data_parallel=dp)
+                                   times=times, replay_attention=replay_attention, data_parallel=dp,
+                                   store=layer_store)
     finally:
         model.train(was_training)
     if use_cache is not None:

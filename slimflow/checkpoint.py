@@ -8,6 +8,7 @@ and `per_layer_config`), `pruning.json`, `modeling_slimflow.py` with `auto_map` 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import shutil
@@ -61,6 +62,17 @@ def save_pruned(model: nn.Module, path, tokenizer=None, report=None, overwrite: 
     Everything is written to a temporary sibling first and renamed into place at the end, so a failure never
     leaves a half-written checkpoint and an existing one is replaced only once the new one is complete.
     """
+    with staged_directory(model, path, overwrite) as staging:
+        tensors, tied = _weights_for_saving(model)
+        save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+        write_metadata(model, staging, tokenizer, report, tied, dtype=next(iter(tensors.values())).dtype)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def staged_directory(model: nn.Module, path, overwrite: bool = False):
+    """A temporary sibling of `path` to write a checkpoint into; renamed to `path` when the block succeeds,
+    removed when it fails."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
@@ -72,23 +84,19 @@ def save_pruned(model: nn.Module, path, tokenizer=None, report=None, overwrite: 
     staging = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        _write_checkpoint(model, staging, tokenizer, report)
+        yield staging
         _replace(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return path
 
 
-def _write_checkpoint(model: nn.Module, directory: Path, tokenizer, report) -> None:
+def write_metadata(model: nn.Module, directory: Path, tokenizer, report, tied: bool, dtype: torch.dtype) -> None:
+    """Everything of a checkpoint but the weights: config.json (widths read from `model`'s shapes, so a model
+    whose layers live on the meta device works), the modeling file, generation config, tokenizer, pruning.json."""
     widths = layer_widths(model)
-    tensors, tied = _weights_for_saving(model)
-    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-
-    config = _config_dict(model, widths, tied, dtype=next(iter(tensors.values())).dtype)
-    _write_json(directory / CONFIG_NAME, config)
+    _write_json(directory / CONFIG_NAME, _config_dict(model, widths, tied, dtype=dtype))
     shutil.copyfile(_TEMPLATE, directory / MODELING_NAME)
-
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(directory)
     if tokenizer is not None:

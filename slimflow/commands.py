@@ -35,6 +35,7 @@ def prune(
     save_dtype: str = "auto",
     overwrite: bool = False,
     progress: bool = True,
+    streaming: bool | None = None,
 ) -> dict:
     """Prune a causal LM with layer-wise structured pruning and save a reloadable checkpoint.
 
@@ -64,8 +65,14 @@ def prune(
         save_dtype: dtype of the saved weights: auto (the source checkpoint's dtype), float32, bfloat16, float16.
         overwrite: replace an existing output directory.
         progress: show progress bars.
+        streaming: read, prune and write one decoder layer at a time (host memory: about two layers plus the
+            embeddings; for models larger than memory; identical weights, sharded per layer). Default: stream
+            when the weights would take more than half the available host memory. Needs a local safetensors
+            directory and a layer-wise method (slimgpt, magnitude, wanda-sp). See docs/scale.md.
     """
     arguments = dict(locals())
+    import contextlib
+
     import torch
 
     from slimflow.api import plan
@@ -76,6 +83,7 @@ def prune(
     from slimflow.methods.common import check_schedule
     from slimflow.models import load_model, load_tokenizer, resolve_device, resolve_dtype
     from slimflow.reporting import plot_widths
+    from slimflow.streaming import check_streamable, should_stream, streaming_checkpoint
 
     out = Path(output)
     if out.exists() and not overwrite:
@@ -84,33 +92,49 @@ def prune(
         raise ValueError(f"--ratio must be in (0, 1) (the fraction of parameters to remove), got {ratio}")
     method_kwargs = ({"damp": damp} if method == "slimgpt" else {}) | dict(method_kwargs or {})
     # unknown method or a schedule the method refuses: fail before loading anything
-    planned_schedule = check_schedule(get_method(method, **method_kwargs), schedule) or "uniform"
+    pruner = get_method(method, **method_kwargs)
+    planned_schedule = check_schedule(pruner, schedule) or "uniform"
     start = time.perf_counter()
     dev = resolve_device(device)
-    net = load_model(model, dtype=resolve_dtype(dtype, dev), device="cpu")
-    source_dtype = getattr(net.config, "dtype", None) or torch.float32
-    tokenizer = load_tokenizer(model)
-    plan(net, ratio, planned_schedule, spread=spread, max_layer_ratio=max_layer_ratio, channel_multiple=channel_multiple)
-    max_pos = getattr(net.config, "max_position_embeddings", None)
-    if max_pos and seqlen > max_pos:
-        raise ValueError(f"--seqlen {seqlen} exceeds the model's {max_pos} positions: use --seqlen {max_pos} or less")
-    logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
-    ids = calibration_ids(calibration, tokenizer, num_samples, seqlen, seed, sampling, skip_tokens)
-    if dev.type == "cuda" and torch.cuda.get_device_properties(dev).total_memory > 2 * sum(
-            p.numel() * p.element_size() for p in net.parameters()):
-        net.to(dev)
-    report = run_prune(net, ids, ratio, schedule, method, spread=spread, max_layer_ratio=max_layer_ratio,
-                       channel_multiple=channel_multiple, batch_size=batch_size, device=dev, progress=progress,
-                       method_kwargs=method_kwargs, schedule_options=schedule_options)
-    target_dtype = source_dtype if save_dtype == "auto" else resolve_dtype(save_dtype, dev)
-    if isinstance(target_dtype, str):
-        target_dtype = resolve_dtype(target_dtype, dev)
-    net.to(device="cpu", dtype=target_dtype)
-    info = report.to_dict()
-    info["calibration"] = {"source": calibration, "sampling": sampling, "seed": seed, "skip_tokens": skip_tokens}
-    info["source_model"] = model
-    info["total_wall_time_s"] = round(time.perf_counter() - start, 3)
-    save_pruned(net, out, tokenizer=tokenizer, report=info, overwrite=overwrite)
+    compute_dtype = resolve_dtype(dtype, dev)
+    target_dtype = compute_dtype if save_dtype == "auto" else resolve_dtype(save_dtype, dev)
+    stream = should_stream(model, compute_dtype) if streaming is None else streaming
+    if stream:
+        if not Path(model).is_dir():
+            raise ValueError(f"--streaming reads a local model directory, but {model!r} is not one: download the "
+                             "model first or pass --streaming false")
+        check_streamable(pruner)
+    with contextlib.ExitStack() as stack:
+        if stream:
+            session = stack.enter_context(streaming_checkpoint(model, out, compute_dtype, target_dtype, overwrite))
+            net = session.model
+        else:
+            net = load_model(model, dtype=compute_dtype, device="cpu")
+        tokenizer = load_tokenizer(model)
+        plan(net, ratio, planned_schedule, spread=spread, max_layer_ratio=max_layer_ratio,
+             channel_multiple=channel_multiple)
+        max_pos = getattr(net.config, "max_position_embeddings", None)
+        if max_pos and seqlen > max_pos:
+            raise ValueError(f"--seqlen {seqlen} exceeds the model's {max_pos} positions: use --seqlen {max_pos} or less")
+        logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
+        ids = calibration_ids(calibration, tokenizer, num_samples, seqlen, seed, sampling, skip_tokens)
+        if not stream and dev.type == "cuda" and torch.cuda.get_device_properties(dev).total_memory > 2 * sum(
+                p.numel() * p.element_size() for p in net.parameters()):
+            net.to(dev)
+        report = run_prune(net, ids, ratio, schedule, method, spread=spread, max_layer_ratio=max_layer_ratio,
+                           channel_multiple=channel_multiple, batch_size=batch_size, device=dev, progress=progress,
+                           method_kwargs=method_kwargs, schedule_options=schedule_options,
+                           layer_store=session.layers if stream else None)
+        info = report.to_dict()
+        info["calibration"] = {"source": calibration, "sampling": sampling, "seed": seed, "skip_tokens": skip_tokens}
+        info["source_model"] = model
+        info["streaming"] = bool(stream)
+        info["total_wall_time_s"] = round(time.perf_counter() - start, 3)
+        if stream:
+            session.finish(tokenizer, info)
+        else:
+            net.to(device="cpu", dtype=target_dtype)
+            save_pruned(net, out, tokenizer=tokenizer, report=info, overwrite=overwrite)
     (out / "pruning_report.md").write_text(report.to_markdown())
     plot_widths(info, out / "widths.png")
     (out / "slimflow_prune.yaml").write_text(yaml.safe_dump({"prune": arguments}, sort_keys=False))

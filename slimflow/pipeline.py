@@ -29,6 +29,38 @@ from slimflow.distributed import DataParallel
 from slimflow.methods.base import Decision, PruningMethod
 
 
+class ResidentLayers:
+    """Where `prune_layers` gets each decoder layer from and puts it back: layers already in memory are moved to
+    the processing device for their turn and back home afterwards. `slimflow.streaming.StreamingLayers` reads
+    them from the checkpoint files instead and writes them out."""
+
+    def __init__(self):
+        self._homes: dict[int, torch.device] = {}
+
+    def fetch(self, index: int, layer: nn.Module, device: torch.device) -> None:
+        self._homes[index] = next(layer.parameters()).device
+        layer.to(device, non_blocking=True)
+
+    def release(self, index: int, layer: nn.Module) -> None:
+        layer.to(self._homes.pop(index))
+
+
+class ResidentLayers:
+    """Where `prune_layers` gets each decoder layer from and puts it back: layers already in memory are moved to
+    the processing device for their turn and back home afterwards. `slimflow.streaming.StreamingLayers` reads
+    them from the checkpoint files instead and writes them out."""
+
+    def __init__(self):
+        self._homes: dict[int, torch.device] = {}
+
+    def fetch(self, index: int, layer: nn.Module, device: torch.device) -> None:
+        self._homes[index] = next(layer.parameters()).device
+        layer.to(device, non_blocking=True)
+
+    def release(self, index: int, layer: nn.Module) -> None:
+        layer.to(self._homes.pop(index))
+
+
 class _Stop(Exception):
     """Raised once a pass has what it needs, to skip the rest of a forward pass."""
 
@@ -380,17 +412,16 @@ def _finish_layer(job: _LayerJob) -> LayerResult:
 
 
 @contextmanager
-def _layer_on(layer: nn.Module, device: torch.device, times: PhaseTimes):
-    """The layer on `device` while it is pruned, back home afterwards (time counted as `transfer`)."""
+def _layer_on(layer: nn.Module, index: int, device: torch.device, times: PhaseTimes, store):
+    """The layer on `device` while it is pruned, handed back to `store` afterwards (time counted as `transfer`)."""
     t = time.perf_counter()
-    home = next(layer.parameters()).device
-    layer.to(device, non_blocking=True)
+    store.fetch(index, layer, device)
     transfer = time.perf_counter() - t
     try:
         yield layer
     finally:
         t = time.perf_counter()
-        layer.to(home)
+        store.release(index, layer)
         times.extra["transfer"] = round(times.extra.get("transfer", 0.0) + transfer + time.perf_counter() - t, 4)
 
 
@@ -398,7 +429,8 @@ def _layer_on(layer: nn.Module, device: torch.device, times: PhaseTimes):
 def prune_layers(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor, plans: list[LayerPlan],
                  method: PruningMethod, device: torch.device, batch_size: int = 8, progress: bool = True,
                  stats_dtype: torch.dtype = torch.float32, times: PhaseTimes | None = None,
-                 replay_attention: bool = True, data_parallel: DataParallel | None = None) -> list[LayerResult]:
+                 replay_attention: bool = True, data_parallel: DataParallel | None = None,
+                 store=None) -> list[LayerResult]:
     """Prune every decoder layer in place according to `plans`; returns one `LayerResult` per layer.
 
     `replay_attention=False` recomputes attention in passes (2) and (3) instead of replaying the stored
@@ -406,8 +438,12 @@ def prune_layers(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tenso
 
     Under `data_parallel`, `input_ids` is this rank's share of the sequences: statistics are summed over the
     ranks before each decision, rank 0's decisions are applied everywhere, and each rank propagates only its
-    own sequences to the next layer."""
+    own sequences to the next layer.
+
+    `store` (default `ResidentLayers()`) brings each layer onto `device` before its turn and takes it back after
+    (`slimflow.streaming` reads it from the checkpoint and writes it out)."""
     times = times or PhaseTimes()
+    store = store or ResidentLayers()
     layers = adapter.layers(model)
     with _timed(times, "capture", device):
         inputs = capture_layer_inputs(model, adapter, input_ids, batch_size, device)
@@ -416,7 +452,7 @@ def prune_layers(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tenso
     results = []
     bar = tqdm(total=len(layers), desc="pruning layers", unit="layer", disable=not progress)
     for index, (layer, plan) in enumerate(zip(layers, plans)):
-        with _layer_on(layer, device, times):
+        with _layer_on(layer, index, device, times, store):
             job = _start_layer(model, adapter, inputs, index, layer, plan, index == len(layers) - 1, settings)
             method.begin_layer(index, layer, adapter)
             if plan.remove_units:
