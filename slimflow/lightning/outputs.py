@@ -14,6 +14,15 @@ from slimflow.lightning.access import (
 from slimflow.lightning.logs import evaluation_metrics, log_metrics, say
 
 
+def _to_accelerator(trainer: Trainer, model) -> None:
+    """Evaluate on the trainer's device: the dense and pruned models are measured in `setup`, before Lightning
+    moves the module, and the final one in `on_fit_end`, after its teardown moved it back to the CPU (a 7B model
+    would be scored on the CPU otherwise). Pruning after the dense evaluation then also runs in place there."""
+    device = trainer.strategy.root_device
+    if device.type != "cpu" and next(model.parameters()).device != device:
+        model.to(device)
+
+
 class Evaluation(SlimflowCallback):
     """Evaluates the model with `slimflow.evaluation.evaluate_model` at the points that matter and writes
     `metrics.json` to the run directory.
@@ -71,6 +80,7 @@ class Evaluation(SlimflowCallback):
         model = get_model(pl_module, self.model_attr)
         tokenizer = get_tokenizer(trainer, pl_module, model)
         hf_model = base_model(model)
+        _to_accelerator(trainer, hf_model)
         started = time.perf_counter()
         result = evaluate_model(hf_model, tokenizer, ppl=[], tasks=self.tasks, limit=self.limit,
                                 batch_size=self.batch_size, progress=False)
