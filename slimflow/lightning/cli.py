@@ -9,6 +9,7 @@ architecture is rebuilt from the checkpoint in the callbacks' `setup`, nothing i
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from slimflow.lightning.logs import fit_summary
 from slimflow.lightning.module import CausalLMModule
@@ -56,9 +58,34 @@ class SlimflowCLI(LightningCLI):
     def fit(self, model, datamodule=None, ckpt_path=None, **kwargs):
         self._prepare("config.yaml", ckpt_path)
         started = time.perf_counter()
-        self.trainer.fit(model, datamodule=datamodule, **kwargs)
+        with self._launchable():
+            self.trainer.fit(model, datamodule=datamodule, **kwargs)
         if self.trainer.is_global_zero:
             print(fit_summary(self.trainer, time.perf_counter() - started), flush=True)
+
+    # Lightning's DDP/FSDP launcher starts the other ranks by running this program again with `sys.argv`
+    # (`lightning_main` hides it from LightningCLI's parser): put the command line back while fit runs.
+    command_line: tuple[list[str], list[str]] | None = None  # (sys.argv of the program, slimflow's argv)
+
+    @contextlib.contextmanager
+    def _launchable(self):
+        from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+        if not isinstance(self.trainer.strategy.launcher, _SubprocessScriptLauncher) or self.command_line is None:
+            yield
+            return
+        from slimflow.cli import _underscore_options
+
+        program, argv = self.command_line
+        if _underscore_options(program[1:]) != argv:
+            raise ValueError(f"{self.trainer.world_size} processes are started by re-running the command line, "
+                             "and this process was not started as `slimflow fit ...`: run `slimflow fit` as a "
+                             "command (or under torchrun), not from Python")
+        hidden, sys.argv = sys.argv, program
+        try:
+            yield
+        finally:
+            sys.argv = hidden
 
     def validate(self, model, datamodule=None, ckpt_path=None, **kwargs):
         self._prepare("config_validate.yaml", ckpt_path)
@@ -71,8 +98,9 @@ class SlimflowCLI(LightningCLI):
     def _prepare(self, config_name: str, ckpt_path: str | None) -> None:
         root = Path(self.trainer.default_root_dir)
         root.mkdir(parents=True, exist_ok=True)
-        self._parser(self.subcommand).save(self.config[self.subcommand], str(root / config_name), skip_none=False,
-                                           overwrite=True)
+        if rank_zero_only.rank == 0:  # launched ranks run this too (their rank is known from the environment)
+            self._parser(self.subcommand).save(self.config[self.subcommand], str(root / config_name),
+                                               skip_none=False, overwrite=True)
         path = self.last_checkpoint() if ckpt_path == "last" else ckpt_path
         if ckpt_path == "last" and path is None:
             print(f"slimflow: no last checkpoint under {root}; starting from the beginning")
@@ -93,6 +121,7 @@ def lightning_main(argv: list[str] | None = None) -> SlimflowCLI:
     comments = "--print_config=comments" if importlib.util.find_spec("ruamel") else "--print_config"
     argv = [comments if a == "--print_config" else a for a in (argv or [])]
     program, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it sees both `args` and sys.argv
+    SlimflowCLI.command_line = (program, argv)
     try:
         return SlimflowCLI(model_class=CausalLMModule, subclass_mode_model=True, subclass_mode_data=True,
                            save_config_callback=None, seed_everything_default=42, auto_configure_optimizers=False,

@@ -103,6 +103,11 @@ class Evaluation(SlimflowCallback):
                                 max_new_tokens=self.sample_tokens)
 
     def _record(self, trainer, pl_module, name: str, stage: int | None = None) -> None:
+        from slimflow.lightning.distributed import on_rank_zero
+
+        on_rank_zero(trainer, lambda: self._measure(trainer, pl_module, name, stage))
+
+    def _measure(self, trainer, pl_module, name: str, stage: int | None) -> None:
         if self.progress:
             say(trainer, f"evaluating the {name} model ({', '.join(self.ppl + self.tasks)})")
         result = self.evaluate(trainer, pl_module)
@@ -134,6 +139,9 @@ class Evaluation(SlimflowCallback):
         self._record(trainer, pl_module, "pruned", stage)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        from slimflow.lightning.distributed import gather_full_model
+
+        gather_full_model(trainer, pl_module, self.model_attr)
         stages = self.results["stages"]
         self._record(trainer, pl_module, "finetuned", len(stages) - 1 if stages else None)
 
@@ -230,8 +238,10 @@ class Export(SlimflowCallback):
                     report=pruning.last_report if pruning else None, overwrite=True)
 
     def on_after_prune(self, trainer, pl_module, stage, report) -> None:
-        if self.base and stage == len(self._pruning(trainer).ratios) - 1 and trainer.is_global_zero:
-            self._save(trainer, pl_module, "base", get_model(pl_module, self.model_attr))
+        from slimflow.lightning.distributed import on_rank_zero
+
+        if self.base and stage == len(self._pruning(trainer).ratios) - 1:
+            on_rank_zero(trainer, lambda: self._save(trainer, pl_module, "base", get_model(pl_module, self.model_attr)))
 
     def on_before_merge(self, trainer, pl_module, peft_model, final) -> None:
         if final and self.adapter and trainer.is_global_zero:
@@ -251,8 +261,12 @@ class Export(SlimflowCallback):
             raise GGUFExportError(f"Export(gguf=...) cannot write this tokenizer to GGUF: {error}") from error
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
+        from slimflow.lightning.distributed import gather_full_model, on_rank_zero
+
+        gather_full_model(trainer, pl_module, self.model_attr)
+        on_rank_zero(trainer, lambda: self._final_exports(trainer, pl_module))
+
+    def _final_exports(self, trainer: Trainer, pl_module: LightningModule) -> None:
         model = get_model(pl_module, self.model_attr)
         if self.merged:
             self._save(trainer, pl_module, "model", model)

@@ -156,7 +156,11 @@ class StructuredPruning(SlimflowCallback):
             raise ValueError(f"StructuredPruning prunes at epoch {self.at_epochs[-1]} but training stops after "
                              f"max_epochs={max_epochs}: raise max_epochs or lower at_epochs")
         if len(self.ratios) > 1 and trainer.world_size > 1:
-            raise ValueError("re-pruning between stages rebuilds the optimizer in place; run it on one device")
+            raise ValueError(
+                f"an iterative recipe ({len(self.ratios)} prunes) cannot run on {trainer.world_size} processes: a "
+                "later prune replaces Parameters that DDP's gradient buckets or FSDP's shards were built on in "
+                "strategy.setup, and Lightning cannot re-wrap a model mid-fit. Run it with --trainer.devices 1, "
+                "or chain one-prune runs (each its own `slimflow fit` on the previous export)")
         if not slimflow_callbacks(trainer, Calibration):
             raise ValueError("StructuredPruning needs a slimflow.lightning.Calibration callback in the Trainer")
         s = self.schedule
@@ -232,7 +236,7 @@ class StructuredPruning(SlimflowCallback):
         bars = self.progress and trainer.progress_bar_callback is not None  # the Trainer's progress-bar setting
         with torch.no_grad():
             report = prune(model, calibration, ratio=self.ratios[k], method=self.method,
-                           reference_params=self.dense_params, batch_size=self.batch_size, device=self.device,
+                           reference_params=self.dense_params, batch_size=self.batch_size, device=self._device(trainer),
                            progress=bars, method_kwargs=self.method_kwargs, **self.schedule.kwargs())
         self.stage = k + 1
         self.widths = [list(w.to_dict().values()) for w in report.widths]
@@ -245,6 +249,11 @@ class StructuredPruning(SlimflowCallback):
             self.write_report(trainer)
         notify(trainer, "on_after_prune", pl_module, k, report)
         notify(trainer, "on_stage_start", pl_module, k)
+
+    def _device(self, trainer: Trainer):
+        """The callback's device, else this rank's GPU under a multi-GPU strategy (else the engine's default)."""
+        root = trainer.strategy.root_device
+        return self.device or (root if root.type == "cuda" else None)
 
     def write_report(self, trainer: Trainer) -> None:
         out = run_dir(trainer, self.dirpath)
