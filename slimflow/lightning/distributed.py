@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, StrategyRegistry
 
-from slimflow.lightning.access import base_model, get_model, set_model
+from slimflow.lightning.access import base_model, get_model, set_model, slimflow_callbacks
 
 
 def is_sharded(trainer: Trainer) -> bool:
@@ -38,7 +38,9 @@ _GATHERED = "_slimflow_gathered"
 
 def gather_full_model(trainer: Trainer, pl_module: LightningModule, model_attr: str = "model") -> None:
     """After training under a sharding strategy: replace rank 0's model by a plain copy holding the full trained
-    weights (the other ranks keep their shards). A collective: every rank calls it; later calls do nothing."""
+    weights (the other ranks keep their shards), then merge LoRA there. A collective: every rank calls it (the
+    `on_fit_end` of LoRARecovery, Evaluation and Export, whichever comes first); later calls do nothing. It runs
+    after `on_train_end`, where ModelCheckpoint may still save the sharded model."""
     if not is_sharded(trainer) or getattr(pl_module, _GATHERED, False):
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -49,6 +51,10 @@ def gather_full_model(trainer: Trainer, pl_module: LightningModule, model_attr: 
         prefix = model_attr + "."
         own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         set_model(pl_module, model_attr, plain_copy(get_model(pl_module, model_attr), own))
+        from slimflow.lightning.lora import LoRARecovery
+
+        for lora in slimflow_callbacks(trainer, LoRARecovery):
+            lora.final_merge(trainer, pl_module)
     setattr(pl_module, _GATHERED, True)
 
 

@@ -95,10 +95,18 @@ class LoRARecovery(SlimflowCallback):
         save_architecture(pl_module, checkpoint, self.model_attr)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        from slimflow.lightning.distributed import gather_full_model, is_sharded
+        from slimflow.lightning.distributed import is_sharded
 
-        gather_full_model(trainer, pl_module, self.model_attr)  # sharded weights: whole on rank 0 only
-        if self.injected and self.merge and (trainer.is_global_zero or not is_sharded(trainer)):
+        if not is_sharded(trainer):  # sharded: merged on rank 0 once the weights are gathered (on_fit_end)
+            self.final_merge(trainer, pl_module)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        from slimflow.lightning.distributed import gather_full_model
+
+        gather_full_model(trainer, pl_module, self.model_attr)
+
+    def final_merge(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.injected and self.merge:
             self.merge_now(trainer, pl_module, final=True)
 
     def state_dict(self) -> dict:
