@@ -12,7 +12,6 @@ from slimflow.algorithms.obs import obs_remove
 from slimflow.algorithms.schedules import ScheduleError
 from slimflow.checkpoint import load_pruned, save_pruned
 from slimflow.methods import available_methods, flap, llm_surgeon, slimllm, taylor, wanda_sp
-from slimflow.methods.base import Budget
 from slimflow.methods.common import covariance, lm_backward_passes
 
 D = torch.float64
@@ -240,4 +239,3 @@ def test_llm_surgeon_multi_shot_reaches_the_target():
     report = slimflow.prune(model, calibration(), ratio=0.35, method=method, progress=False)
     assert abs(report.realised_fraction - 0.35) < 0.03 and len(method.losses) == 3
     assert all(w.num_attention_heads >= 1 and w.intermediate_size >= 1 for w in report.widths)
-    assert Budget  # exported for width-allocating methods

@@ -69,6 +69,26 @@ def column_costs(weight: torch.Tensor, g: torch.Tensor, ainv: torch.Tensor, unit
     return 0.5 * torch.linalg.solve(blocks, m).diagonal(dim1=1, dim2=2).sum(-1)
 
 
+def choose_cheapest(entries: list[tuple], remove_params: float, limits, per_param: bool = True):
+    """The cheapest units of all layers until `remove_params` parameters go (closest count, per-layer limits).
+
+    `entries` are `(cost, layer, kind, unit, params)` with kind 0 = head unit, 1 = channel; they are ranked by
+    cost per parameter (`per_param`) or by cost. Returns `{layer: (head units, channels)}` and the summed costs."""
+    layers = {e[1] for e in entries}
+    chosen = {i: ([], []) for i in layers}
+    costs = {i: [0.0, 0.0] for i in layers}
+    removed = 0.0
+    for cost, i, kind, j, size in sorted(entries, key=lambda e: e[0] / e[4] if per_param else e[0]):
+        if removed >= remove_params:
+            break
+        if removed + size / 2 > remove_params or len(chosen[i][kind]) >= limits[i][kind]:
+            continue
+        chosen[i][kind].append(j)
+        costs[i][kind] += cost
+        removed += size
+    return chosen, costs
+
+
 def _unit_params(adapter, layer, kv: int) -> tuple[int, int]:
     count = lambda ms: sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in ms)
     mlp = adapter.mlp_projections(layer)
@@ -148,18 +168,7 @@ class LLMSurgeon(PruningMethod):
                 inverses.append((unit, ainv_o, ainv_d))
                 entries += [(c, i, 0, j, unit_p) for j, c in enumerate(column_costs(o, g_o, ainv_o, unit).tolist())]
                 entries += [(c, i, 1, j, chan_p) for j, c in enumerate(column_costs(down, g_d, ainv_d).tolist())]
-        entries.sort(key=lambda e: e[0] / e[4] if self.per_param else e[0])
-        chosen = {i: ([], []) for i in range(len(layers))}
-        costs = {i: [0.0, 0.0] for i in range(len(layers))}
-        removed = 0.0
-        for cost, i, kind, j, size in entries:
-            if removed >= remove_params:
-                break
-            if removed + size / 2 > remove_params or len(chosen[i][kind]) >= limits[i][kind]:
-                continue
-            chosen[i][kind].append(j)
-            costs[i][kind] += cost
-            removed += size
+        chosen, costs = choose_cheapest(entries, remove_params, limits, self.per_param)
         out = {}
         with torch.no_grad():
             for i, layer in enumerate(layers):

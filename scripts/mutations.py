@@ -1,0 +1,89 @@
+"""Apply one-line mutations to slimflow, one at a time, run the engine tests against each and restore the file.
+
+`python3 scripts/mutations.py` prints a markdown table: mutation, file, caught (the first failing test) or
+SURVIVED. Run from the repository root with PYTHONPATH set to it; the working tree is restored after each run.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+TESTS = ["tests/test_method_decisions.py", "tests/test_methods.py", "tests/test_algorithms.py",
+         "tests/test_pipeline.py", "tests/test_performance.py", "tests/test_surgery.py"]
+
+MUTATIONS = [
+    ("SlimLLM head ranking reversed", "slimflow/methods/slimllm.py",
+     "torch.argsort(loo, descending=True, stable=True)", "torch.argsort(loo, descending=False, stable=True)"),
+    ("SlimLLM channel ranking reversed", "slimflow/methods/slimllm.py",
+     "order = torch.argsort(scores, stable=True)", "order = torch.argsort(scores, descending=True, stable=True)"),
+    ("SlimLLM layer allocation reversed", "slimflow/methods/slimllm.py",
+     "softmax_shape(self.layer_similarity, alpha, k)", "softmax_shape([-s for s in self.layer_similarity], alpha, k)"),
+    ("no propagation between layers", "slimflow/pipeline.py",
+     "            _propagate(job.layer, job.index, job.inputs, job.batch_size, job.adapter, job.replay)",
+     "            pass"),
+    ("LLM Surgeon removes the most expensive units", "slimflow/methods/llm_surgeon.py",
+     "key=lambda e: e[0] / e[4] if per_param else e[0])", "key=lambda e: e[0] / e[4] if per_param else e[0], reverse=True)"),
+    ("LLM Surgeon without its correlated update", "slimflow/methods/llm_surgeon.py",
+     "new, _ = obs_remove(down, ainv_d, torch.tensor(chans, device=down.device))",
+     "new = down.clone(); new[:, chans] = 0"),
+    ("Taylor removes the most important units", "slimflow/methods/taylor.py",
+     "removed = lowest(self._heads[self._index], n_remove)", "removed = lowest(-self._heads[self._index], n_remove)"),
+    ("Taylor removes the most important channels", "slimflow/methods/taylor.py",
+     "removed = lowest(self._channels[self._index], n_remove)", "removed = lowest(-self._channels[self._index], n_remove)"),
+    ("Wanda-sp removes the most important units", "slimflow/methods/wanda_sp.py",
+     "removed = lowest(unit_sum(column_scores(weight, stats), unit_size), n_remove)",
+     "removed = lowest(-unit_sum(column_scores(weight, stats), unit_size), n_remove)"),
+    ("Wanda-sp removes the most important channels", "slimflow/methods/wanda_sp.py",
+     "removed = lowest(column_scores(weight, stats), n_remove)", "removed = lowest(-column_scores(weight, stats), n_remove)"),
+    ("bias compensation with the wrong sign (pipeline)", "slimflow/pipeline.py",
+     "linear.bias.data.add_(bias.to(linear.bias.dtype))", "linear.bias.data.sub_(bias.to(linear.bias.dtype))"),
+    ("bias compensation with the wrong sign (FLAP)", "slimflow/methods/flap.py",
+     "return weight[:, cols] @ stats.mean.to(weight.dtype)[cols]", "return -(weight[:, cols] @ stats.mean.to(weight.dtype)[cols])"),
+    ("every layer replayed with layer 0's arguments", "slimflow/pipeline.py",
+     "        return self.calls[index][batch_size]", "        return self.calls[0][batch_size]"),
+    ("attention replay patches attn.forward", "slimflow/pipeline.py",
+     "        original = adapter.replace_attn(layer, self)\n        try:\n            yield self\n        finally:\n"
+     "            adapter.replace_attn(layer, original)",
+     "        attn = adapter.attn(layer)\n        attn.forward = self.forward\n        try:\n            yield self\n"
+     "        finally:\n            del attn.forward"),
+    ("SlimGPT without OBS compensation", "slimflow/methods/slimgpt.py",
+     "return Decision(sorted(removed), new, extra)\n\n    def prune_channels",
+     "return Decision(sorted(removed), zero_columns(weight, [c for u in removed for c in range(u * unit_size, (u + 1) * unit_size)]), extra)\n\n    def prune_channels"),
+    ("magnitude ranking reversed", "slimflow/methods/magnitude.py",
+     "removed = sorted(torch.argsort(weight.norm(dim=0))[:n_remove].tolist())",
+     "removed = sorted(torch.argsort(-weight.norm(dim=0))[:n_remove].tolist())"),
+    ("FLAP global ranking reversed", "slimflow/methods/flap.py",
+     "entries.sort(key=lambda e: e[0])", "entries.sort(key=lambda e: -e[0])"),
+    ("attention replay on the wrong kept columns", "slimflow/pipeline.py",
+     "_unit_columns(job.result.kept_units, job.unit_size, job.device))",
+     "_unit_columns(list(range(len(job.result.kept_units))), job.unit_size, job.device))"),
+]
+
+
+def run(selected: list[str]) -> None:
+    print("| mutation | file | result |\n|---|---|---|")
+    for name, path, old, new in MUTATIONS:
+        if selected and not any(s in name for s in selected):
+            continue
+        file = Path(path)
+        source = file.read_text()
+        if source.count(old) != 1:
+            print(f"| {name} | `{path}` | mutation does not apply |")
+            continue
+        if "zero_columns" in new and "import" in source and "zero_columns" not in source.split("class")[0]:
+            new_source = source.replace("from slimflow.methods.base import Decision,", "from slimflow.methods.base import zero_columns, Decision,")
+        else:
+            new_source = source
+        file.write_text(new_source.replace(old, new))
+        try:
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *TESTS],
+                                  capture_output=True, text=True)
+        finally:
+            file.write_text(source)
+        failed = [l.split(" ")[1] for l in proc.stdout.splitlines() if l.startswith("FAILED ")]
+        result = f"caught by `{failed[0].split('::', 1)[1]}`" if failed else ("SURVIVED" if proc.returncode == 0 else f"caught (exit {proc.returncode})")
+        print(f"| {name} | `{path}` | {result} |", flush=True)
+
+
+if __name__ == "__main__":
+    run(sys.argv[1:])
