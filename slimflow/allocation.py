@@ -67,8 +67,8 @@ def measure_cost_curves(model: nn.Module, adapter: ModelAdapter, calibration: to
                                                 disable=not progress)):
         home = next(layer.parameters()).device
         layer.to(device)
-        o_proj = adapter.attention_projections(layer)[3]
-        down = adapter.mlp_projections(layer)[2]
+        o_proj = adapter.o_proj(layer)
+        down = adapter.down_proj(layer)
         stats_o = HessianAccumulator(o_proj.in_features, device)
         stats_d = HessianAccumulator(down.in_features, device)
         mid = [0.0]  # residual stream after the attention block: where the o_proj error lands

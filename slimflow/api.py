@@ -15,7 +15,7 @@ from slimflow.allocation import adaptive_plan, check_schedule_options
 from slimflow.algorithms.schedules import ADAPTIVE, LayerShape, Plan, plan_layers
 from slimflow.methods import get_method
 from slimflow.methods.base import Budget
-from slimflow.methods.common import add_output_biases, check_schedule
+from slimflow.methods.common import check_schedule
 from slimflow.pipeline import LayerResult, PhaseTimes, prune_global, prune_layers
 
 
@@ -85,19 +85,19 @@ def _version() -> str:
 def layer_shapes(model: nn.Module, adapter: ModelAdapter) -> list[LayerShape]:
     """Current widths of every layer and the parameter cost of one head unit / one channel there."""
     shapes = []
-    head_dim = adapter.head_dim(model)
     for layer in adapter.layers(model):
-        q, k, v, o = adapter.attention_projections(layer)
-        gate, up, down = adapter.mlp_projections(layer)
         heads, kv = adapter.layer_heads(model, layer)
-        unit_params = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in (q, k, v)) // kv
-        unit_params += o.weight.numel() // kv
-        channels = gate.out_features
-        channel_params = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in (gate, up)) // channels
-        channel_params += down.weight.numel() // channels
+        channels = adapter.layer_intermediate(layer)
+        # per unit: its q/k/v rows (with biases) and o_proj columns; o_proj's bias is shared and never removed
+        attn, mlp = adapter.attention_linears(layer), adapter.mlp_linears(layer)
+        unit_params = sum(_rows_params(m) for m in attn[:-1]) // kv + attn[-1].weight.numel() // kv
+        channel_params = sum(_rows_params(m) for m in mlp[:-1]) // channels + mlp[-1].weight.numel() // channels
         shapes.append(LayerShape(kv, unit_params, channels, channel_params))
-    del head_dim
     return shapes
+
+
+def _rows_params(linear: nn.Linear) -> int:
+    return linear.weight.numel() + (linear.bias.numel() if linear.bias is not None else 0)
 
 
 def resolve_channel_multiple(model: nn.Module, adapter: ModelAdapter, channel_multiple: int | None) -> int:
@@ -212,7 +212,7 @@ def prune(
     layer_plan = plan(model, ratio, schedule or "uniform", reference_params, spread, max_layer_ratio, channel_multiple)
     dev = _resolve_device(device, model)
     if pruner.adds_bias:
-        add_output_biases(model, adapter)
+        adapter.add_output_biases(model)
         layer_plan = plan(model, ratio, schedule or "uniform", reference_params, spread, max_layer_ratio,
                           channel_multiple)
     was_training = model.training

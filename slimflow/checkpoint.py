@@ -33,11 +33,7 @@ MODELING_NAME = "modeling_slimflow.py"
 WIDTHS_KEY = "slimflow_layer_widths"
 
 _TEMPLATE = Path(__file__).parent / "templates" / MODELING_NAME
-_REMOTE_CLASS = {
-    "llama": "SlimflowLlamaForCausalLM",
-    "mistral": "SlimflowMistralForCausalLM",
-    "qwen2": "SlimflowQwen2ForCausalLM",
-}
+SLICING_KEY = "slimflow_slicing"
 _GLOBAL_SIZES = (
     "num_hidden_layers",
     "hidden_size",
@@ -76,10 +72,7 @@ def staged_directory(model: nn.Module, path, overwrite: bool = False):
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
-    model_type = model.config.model_type
-    if model_type not in _REMOTE_CLASS:
-        get_adapter(model)  # raises the "unsupported model type" error
-        raise ValueError(f"slimflow has no modeling file for model_type={model_type!r}")
+    get_adapter(model)  # raises the "unsupported model type" error before anything is written
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
@@ -96,12 +89,20 @@ def write_metadata(model: nn.Module, directory: Path, tokenizer, report, tied: b
     whose layers live on the meta device works), the modeling file, generation config, tokenizer, pruning.json."""
     widths = layer_widths(model)
     _write_json(directory / CONFIG_NAME, _config_dict(model, widths, tied, dtype=dtype))
-    shutil.copyfile(_TEMPLATE, directory / MODELING_NAME)
+    (directory / MODELING_NAME).write_text(modeling_file(get_adapter(model)))
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     _write_json(directory / PRUNING_NAME, _pruning_record(model, widths, report))
+
+
+def modeling_file(adapter) -> str:
+    """The bundled modeling file: the generic width-cutting code plus the family's class on its stock class."""
+    return _TEMPLATE.read_text() + (
+        f"\n\nfrom transformers import {adapter.stock_class}  # noqa: E402\n\n\n"
+        f"class {adapter.remote_class}(_PerLayerWidths, {adapter.stock_class}):\n    pass\n"
+    )
 
 
 def _replace(staging: Path, path: Path) -> None:
@@ -158,9 +159,11 @@ def _config_dict(model: nn.Module, widths: list[LayerWidths], tied: bool, dtype:
     for key in _GLOBAL_SIZES:
         data[key] = getattr(config, key)
     data["tie_word_embeddings"] = tied
-    data["architectures"] = [_REMOTE_CLASS[config.model_type]]
-    data["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_NAME[:-3]}.{_REMOTE_CLASS[config.model_type]}"}
+    adapter = get_adapter(model)
+    data["architectures"] = [adapter.remote_class]
+    data["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_NAME[:-3]}.{adapter.remote_class}"}
     data[WIDTHS_KEY] = [w.to_dict() for w in widths]
+    data[SLICING_KEY] = adapter.slicing_spec()
     data["per_layer_config"] = _per_layer_config(widths)
     data["slimflow_version"] = slimflow.__version__
     return data
@@ -246,7 +249,7 @@ def load_pruned(path, dtype: torch.dtype | None = None, device=None, attn_implem
 
 def _stock_config(data: dict, attn_implementation: str | None):
     """The stock transformers config of `data`, without the fields only the bundled modeling file reads."""
-    data = {k: v for k, v in data.items() if k not in ("auto_map", "per_layer_config", "architectures")}
+    data = {k: v for k, v in data.items() if k not in ("auto_map", "per_layer_config", "architectures", SLICING_KEY)}
     model_type = data.get("model_type")
     if model_type is None:
         raise NotASlimflowCheckpointError("config.json has no model_type")
@@ -290,6 +293,9 @@ def _rebuild_meta_buffers(model: nn.Module, device) -> None:
     """Recompute non-persistent buffers (rotary frequencies) that the meta-device build left empty."""
     for name, module in model.named_modules():
         if not any(buffer.is_meta for buffer in module.buffers(recurse=False)):
+            continue
+        if hasattr(module, "scalar_embed_scale"):  # Gemma's scaled embeddings keep their scale as a buffer
+            module.embed_scale = torch.tensor(module.scalar_embed_scale, device=device or "cpu")
             continue
         if not type(module).__name__.endswith("RotaryEmbedding"):
             raise RuntimeError(f"cannot rebuild the buffers of {name} ({type(module).__name__}) after a meta build")

@@ -356,7 +356,7 @@ def _record_errors(job: _LayerJob, old: torch.Tensor, decision: Decision, remove
 def _remove_head_units(job: _LayerJob) -> None:
     """Pass (1): `o_proj` statistics, the method's head decision, compensation, surgery; keeps the attention
     outputs for the replay when a later pass of this layer needs them."""
-    o_proj = job.adapter.attention_projections(job.layer)[3]
+    o_proj = job.adapter.o_proj(job.layer)
     later_pass = job.plan.remove_channels or not job.last
     record = job.attention_buffer(o_proj) if job.replay_attention and later_pass else None
     stats = _collect_statistics(job, o_proj, "o_proj", record)
@@ -372,16 +372,16 @@ def _remove_head_units(job: _LayerJob) -> None:
         job.result.kept_units = [u for u in range(len(job.result.kept_units)) if u not in removed]
         surgery.prune_heads(job.adapter, job.layer, job.adapter.head_dim(job.model), job.result.kept_units)
         if record is not None:
-            job.replay = _AttentionReplay(job.adapter.attention_projections(job.layer)[3], record[1],
+            job.replay = _AttentionReplay(job.adapter.o_proj(job.layer), record[1],
                                           _unit_columns(job.result.kept_units, job.unit_size, job.device))
 
 
 def _remove_channels(job: _LayerJob) -> None:
     """Pass (2): `down_proj` statistics (attention replayed if pass (1) ran), decision, compensation, surgery."""
-    down = job.adapter.mlp_projections(job.layer)[2]
+    down = job.adapter.down_proj(job.layer)
     record = None
     if job.replay_attention and job.replay is None and not job.last:  # no head pass: keep this pass's attention outputs for pass (3)
-        record = job.attention_buffer(job.adapter.attention_projections(job.layer)[3])
+        record = job.attention_buffer(job.adapter.o_proj(job.layer))
     stats = _collect_statistics(job, down, "down_proj", record)
     if record is not None:
         job.replay = _AttentionReplay(record[0], record[1])
@@ -506,14 +506,14 @@ def prune_global(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tenso
             limits = [(len(u) - fu, len(c) - fc) for u, c, (fu, fc) in zip(kept_units, kept_channels, floors)]
             decisions = method.global_shot(model, adapter, input_ids, todo, device, limits)
             decisions = dp.broadcast_decisions(decisions, lambda i, kind: (
-                adapter.attention_projections(layers[i])[3] if kind == 0 else adapter.mlp_projections(layers[i])[2]).weight)
+                adapter.o_proj(layers[i]) if kind == 0 else adapter.down_proj(layers[i])).weight)
             _sync(device)
             times.statistics += time.perf_counter() - t
             t = time.perf_counter()
             for index, (heads_d, chans_d) in decisions.items():
                 layer, result = layers[index], results[index]
                 if heads_d is not None:
-                    o_proj = adapter.attention_projections(layer)[3]
+                    o_proj = adapter.o_proj(layer)
                     _set_weight(o_proj, heads_d.weight, heads_d.bias)
                     drop = set(heads_d.removed)
                     keep = [u for u in range(len(kept_units[index])) if u not in drop]
@@ -521,7 +521,7 @@ def prune_global(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tenso
                     kept_units[index] = [kept_units[index][u] for u in keep]
                     result.attn_error += getattr(heads_d, "cost", 0.0)
                 if chans_d is not None:
-                    down = adapter.mlp_projections(layer)[2]
+                    down = adapter.down_proj(layer)
                     _set_weight(down, chans_d.weight, chans_d.bias)
                     drop = set(chans_d.removed)
                     keep = [c for c in range(len(kept_channels[index])) if c not in drop]

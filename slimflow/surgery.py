@@ -20,27 +20,6 @@ class LayerWidths:
         return asdict(self)
 
 
-def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
-    """A new Linear keeping `index` along `dim` (0: output rows, 1: input columns)."""
-    index = index.to(linear.weight.device)
-    weight = linear.weight.data.index_select(dim, index)
-    bias = linear.bias
-    if bias is not None and dim == 0:
-        bias = bias.data.index_select(0, index)
-    elif bias is not None:
-        bias = bias.data
-    out_f, in_f = weight.shape
-    new = nn.Linear(in_f, out_f, bias=bias is not None, device="meta", dtype=weight.dtype)
-    new.weight = nn.Parameter(weight.contiguous(), requires_grad=linear.weight.requires_grad)
-    if bias is not None:
-        new.bias = nn.Parameter(bias.contiguous(), requires_grad=linear.bias.requires_grad)
-    return new
-
-
-def _expand(units: list[int], size: int) -> torch.Tensor:
-    return torch.cat([torch.arange(u * size, (u + 1) * size) for u in units]) if units else torch.empty(0, dtype=torch.long)
-
-
 def _checked_indices(keep: list[int], size: int, what: str) -> list[int]:
     """`keep` sorted, refusing duplicates (they would silently copy a unit) and indices outside `[0, size)`."""
     keep = sorted(int(i) for i in keep)
@@ -55,38 +34,19 @@ def prune_heads(adapter: ModelAdapter, layer: nn.Module, head_dim: int, keep_uni
     """Keep only the KV groups `keep_units` (indices into this layer's current KV heads).
 
     A unit is one KV head and its `g` query heads, so `g` - the module's `num_key_value_groups` - is unchanged.
-    """
+    The adapter does the slicing (separate or fused projections)."""
     if not keep_units:
         raise ValueError("a layer must keep at least one attention head")
-    attn = adapter.attn(layer)
-    q, k, v, o = adapter.attention_projections(layer)
-    n_kv = k.out_features // head_dim
-    group = q.out_features // k.out_features
-    keep_units = _checked_indices(keep_units, n_kv, "unit")
-    kv_rows = _expand(keep_units, head_dim)
-    q_rows = _expand(keep_units, group * head_dim)
-    setattr(attn, adapter.q_proj, _slice_linear(q, q_rows, 0))
-    setattr(attn, adapter.k_proj, _slice_linear(k, kv_rows, 0))
-    setattr(attn, adapter.v_proj, _slice_linear(v, kv_rows, 0))
-    setattr(attn, adapter.o_proj, _slice_linear(o, q_rows, 1))
-    attn.num_key_value_groups = group
-    for name, value in (("num_heads", len(keep_units) * group), ("num_key_value_heads", len(keep_units))):
-        if hasattr(attn, name):
-            setattr(attn, name, value)
+    _, kv = adapter.heads_of(layer, head_dim)
+    adapter.slice_heads(layer, head_dim, _checked_indices(keep_units, kv, "unit"))
 
 
 def prune_channels(adapter: ModelAdapter, layer: nn.Module, keep_channels: list[int]) -> None:
     """Keep only the FFN channels `keep_channels` (gate/up rows and down_proj columns)."""
     if not keep_channels:
         raise ValueError("a layer must keep at least one FFN channel")
-    mlp = adapter.ffn(layer)
-    gate, up, down = adapter.mlp_projections(layer)
-    index = torch.tensor(_checked_indices(keep_channels, gate.out_features, "channel"), dtype=torch.long)
-    setattr(mlp, adapter.gate_proj, _slice_linear(gate, index, 0))
-    setattr(mlp, adapter.up_proj, _slice_linear(up, index, 0))
-    setattr(mlp, adapter.down_proj, _slice_linear(down, index, 1))
-    if hasattr(mlp, "intermediate_size"):
-        mlp.intermediate_size = len(keep_channels)
+    channels = adapter.layer_intermediate(layer)
+    adapter.slice_channels(layer, _checked_indices(keep_channels, channels, "channel"))
 
 
 def layer_widths(model: nn.Module, adapter: ModelAdapter | None = None) -> list[LayerWidths]:

@@ -197,3 +197,13 @@ def test_llm_surgeon_update_is_the_correlated_obs_update_of_its_curvature():
 def test_budget_carries_what_width_allocating_methods_read():
     budget = Budget(shapes=[], target_params=10.0, fraction=0.2, reference_params=50)
     assert (budget.channel_multiple, budget.max_layer_ratio) == (1, None)
+
+
+# ------------------------------------------------------------------------------------------------- magnitude
+def test_magnitude_removes_the_smallest_columns():
+    from slimflow.methods.magnitude import Magnitude
+
+    w, _, _ = problem()
+    norms = w.norm(dim=0)
+    assert Magnitude().prune_channels(w, None, 3).removed == sorted(torch.argsort(norms)[:3].tolist())
+    assert Magnitude().prune_heads(w, None, 4, 1).removed == [int(torch.argmin(norms.reshape(3, 4).sum(-1)))]

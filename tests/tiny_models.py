@@ -7,9 +7,9 @@ milliseconds. Weights use a wider init than the HF default so that logits and gr
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
 
-FAMILIES = ("llama", "llama_gqa", "mistral", "qwen2")
+FAMILIES = ("llama", "llama_gqa", "mistral", "qwen2", "gemma2", "phi3")
 
 VOCAB = 128
 PAD_ID = 0
@@ -40,6 +40,14 @@ def tiny_config(family: str = "llama", **overrides):
     elif family == "qwen2":
         # Qwen2 has q/k/v biases and, like its small checkpoints, tied embeddings.
         config = Qwen2Config(**{**_COMMON, "num_key_value_heads": 2, "tie_word_embeddings": True, **overrides})
+    elif family == "gemma2":
+        # alternating sliding / full layers (window shorter than the test sequences), soft-capping, tied embeddings
+        config = Gemma2Config(**{**_COMMON, "num_key_value_heads": 2, "sliding_window": 6, "query_pre_attn_scalar": 16,
+                                 "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+                                 **overrides})
+    elif family == "phi3":
+        # fused qkv_proj and gate_up_proj
+        config = Phi3Config(**{**_COMMON, "num_key_value_heads": 2, "pad_token_id": PAD_ID, **overrides})
     else:
         raise ValueError(f"unknown tiny family {family!r}; choose from {FAMILIES}")
     return config

@@ -1,15 +1,17 @@
-"""Model-family adapters. A new family is one new file here plus one line in `_ADAPTERS`."""
+"""Model-family adapters. A new family is one new file here (a `ModelAdapter(...)`) plus one line in `_ADAPTERS`."""
 
 from __future__ import annotations
 
 from torch import nn
 
 from slimflow.adapters.base import ModelAdapter
+from slimflow.adapters.gemma2 import GEMMA2
 from slimflow.adapters.llama import LLAMA
 from slimflow.adapters.mistral import MISTRAL
+from slimflow.adapters.phi3 import PHI3
 from slimflow.adapters.qwen2 import QWEN2
 
-_ADAPTERS: tuple[ModelAdapter, ...] = (LLAMA, MISTRAL, QWEN2)
+_ADAPTERS: tuple[ModelAdapter, ...] = (LLAMA, MISTRAL, QWEN2, GEMMA2, PHI3)
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for a in _ADAPTERS for t in a.model_types)
 

@@ -1,5 +1,5 @@
-"""Mistral (`MistralForCausalLM`): the LLaMA layout with GQA and an optional sliding window."""
+"""Mistral (`MistralForCausalLM`): the LLaMA layout with GQA and an optional sliding window; no bias flags."""
 
 from slimflow.adapters.base import ModelAdapter
 
-MISTRAL = ModelAdapter(model_types=("mistral",))
+MISTRAL = ModelAdapter(model_types=("mistral",), stock_class="MistralForCausalLM")

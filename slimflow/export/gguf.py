@@ -180,8 +180,8 @@ def model_tensors(model: nn.Module, family: GGUFFamily):
     yield "token_embd.weight", model.get_input_embeddings().weight
     for i, layer in enumerate(adapter.layers(model)):
         heads, kv_heads = adapter.layer_heads(model, layer)
-        q, k, v, o = adapter.attention_projections(layer)
-        gate, up, down = adapter.mlp_projections(layer)
+        q, k, v, o = adapter.attention_linears(layer)  # the families llama.cpp's deci graph runs are not fused
+        gate, up, down = adapter.mlp_linears(layer)
         yield f"blk.{i}.attn_norm.weight", getattr(layer, family.attn_norm).weight
         yield f"blk.{i}.ffn_norm.weight", getattr(layer, family.ffn_norm).weight
         for name, linear, n_rot_heads in (("attn_q", q, heads), ("attn_k", k, kv_heads), ("attn_v", v, None),

@@ -138,27 +138,6 @@ def lm_backward_passes(model: nn.Module, calibration: torch.Tensor, batch_size: 
 
 
 # ------------------------------------------------------------------------------------------------ biases
-def add_output_biases(model: nn.Module, adapter) -> None:
-    """Give every q/k/v/o and gate/up/down projection a (zero) bias, so methods can write `o_proj`/`down_proj`
-    biases and checkpoints reload with the stock classes (`attention_bias` and `mlp_bias` tie each block's flags).
-    """
-    config = model.config
-    if config.model_type != "llama":
-        raise ValueError(
-            f"this method writes o_proj/down_proj biases, which the stock {config.model_type!r} modules cannot hold "
-            "(only llama-family configs have attention_bias/mlp_bias flags): use slimgpt, magnitude, wanda-sp or "
-            "taylor for this model, or disable the bias-writing option of the method"
-        )
-    for layer in adapter.layers(model):
-        for linear in (*adapter.attention_projections(layer), *adapter.mlp_projections(layer)):
-            if linear.bias is None:
-                w = linear.weight
-                linear.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
-                                           requires_grad=w.requires_grad)
-    config.attention_bias = True
-    config.mlp_bias = True
-
-
 def softmax_shape(scores: list[float], alpha: float, active: int) -> list[float]:
     """`K·softmax(α s)` over the `active` layers with the largest `s`, zero elsewhere."""
     order = sorted(range(len(scores)), key=lambda i: -scores[i])[:active]

@@ -12,7 +12,7 @@ import torch
 
 from slimflow.algorithms.hessian import HessianAccumulator
 from slimflow.methods.base import Decision, PruningMethod, register, unit_columns, zero_columns
-from slimflow.methods.common import add_output_biases, forward_passes, plan_from_counts, second_moment
+from slimflow.methods.common import forward_passes, plan_from_counts, second_moment
 
 
 def fluctuation_scores(weight: torch.Tensor, stats) -> torch.Tensor:
@@ -92,8 +92,8 @@ class FLAP(PruningMethod):
         layers = adapter.layers(model)
         stats, handles = [], []
         for layer in layers:
-            o = adapter.attention_projections(layer)[3]
-            down = adapter.mlp_projections(layer)[2]
+            o = adapter.o_proj(layer)
+            down = adapter.down_proj(layer)
             pair = (HessianAccumulator(o.in_features, device), HessianAccumulator(down.in_features, device))
             stats.append(pair)
             handles += [o.register_forward_pre_hook(lambda m, a, acc=pair[0]: acc.add(a[0])),
@@ -108,8 +108,8 @@ class FLAP(PruningMethod):
                 self.data_parallel.reduce_hessian(acc)
         head_scores, channel_scores = [], []
         for layer, shape, (so, sd) in zip(layers, budget.shapes, stats):
-            o = adapter.attention_projections(layer)[3].weight.float()
-            down = adapter.mlp_projections(layer)[2].weight.float()
+            o = adapter.o_proj(layer).weight.float()
+            down = adapter.down_proj(layer).weight.float()
             head_scores.append(head_metric(o, so, o.shape[1] // shape.head_units))
             channel_scores.append(channel_metric(down, sd))
         self._heads, self._channels = global_allocation(head_scores, channel_scores, budget.shapes, budget.target_params)

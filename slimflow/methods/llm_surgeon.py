@@ -91,8 +91,7 @@ def choose_cheapest(entries: list[tuple], remove_params: float, limits, per_para
 
 def _unit_params(adapter, layer, kv: int) -> tuple[int, int]:
     count = lambda ms: sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in ms)
-    mlp = adapter.mlp_projections(layer)
-    return count(adapter.attention_projections(layer)) // kv, count(mlp) // mlp[0].out_features
+    return count(adapter.attention_linears(layer)) // kv, count(adapter.mlp_linears(layer)) // adapter.layer_intermediate(layer)
 
 
 @register
@@ -137,8 +136,8 @@ class LLMSurgeon(PruningMethod):
         layers = adapter.layers(model)
         acc = []
         for layer in layers:
-            acc.append((KroneckerFactors(adapter.attention_projections(layer)[3]),
-                        KroneckerFactors(adapter.mlp_projections(layer)[2])))
+            acc.append((KroneckerFactors(adapter.o_proj(layer)),
+                        KroneckerFactors(adapter.down_proj(layer))))
         dp = self.data_parallel
         ids = dp.shard(calibration[: self.grad_samples] if self.grad_samples else calibration)
         try:
@@ -159,8 +158,8 @@ class LLMSurgeon(PruningMethod):
                 heads, kv = adapter.layer_heads(model, layer)
                 unit = (heads // kv) * head_dim
                 unit_p, chan_p = _unit_params(adapter, layer, kv)
-                o = adapter.attention_projections(layer)[3].weight.float()
-                down = adapter.mlp_projections(layer)[2].weight.float()
+                o = adapter.o_proj(layer).weight.float()
+                down = adapter.down_proj(layer).weight.float()
                 g_o, a_o = fo.factors(self.damp)
                 g_d, a_d = fd.factors(self.damp)
                 ainv_o, _ = invert_hessian(a_o, self.damp)
@@ -176,13 +175,13 @@ class LLMSurgeon(PruningMethod):
                 unit, ainv_o, ainv_d = inverses[i]
                 head_d = chan_d = None
                 if units:
-                    o = adapter.attention_projections(layer)[3].weight.float()
+                    o = adapter.o_proj(layer).weight.float()
                     cols = torch.tensor([c for u in units for c in range(u * unit, (u + 1) * unit)], device=o.device)
                     new, _ = obs_remove(o, ainv_o, cols)
                     head_d = Decision(units, new)
                     head_d.cost = costs[i][0]
                 if chans:
-                    down = adapter.mlp_projections(layer)[2].weight.float()
+                    down = adapter.down_proj(layer).weight.float()
                     new, _ = obs_remove(down, ainv_d, torch.tensor(chans, device=down.device))
                     chan_d = Decision(chans, new)
                     chan_d.cost = costs[i][1]

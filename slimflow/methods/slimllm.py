@@ -13,7 +13,7 @@ covariance `W_down C_h W_downᵀ`) and `w = sigmoid(λ/mean λ)`. The lowest `pr
 
 Recovery. Per output channel k of `o_proj`/`down_proj`, the least-squares line `y_k ≈ a_k x_k + b_k` from the
 pruned output `x_k` to the dense output `y_k` over the calibration tokens: the kept weights of row k are scaled
-by `a_k` and `b_k` is added to the bias (llama-family models get zero sibling biases, see `add_output_biases`).
+by `a_k` and `b_k` is added to the bias (llama-family models get zero sibling biases, see `ModelAdapter.add_output_biases`).
 
 Layers. On the dense model `s_l = mean_tokens cos(x_l, layer_l(x_l))`; the `active` share of layers with the
 largest `s_l` get ratios `∝ softmax(α s)`, the others are not pruned; the scale meets the parameter budget.
@@ -26,7 +26,6 @@ import torch.nn.functional as F
 
 from slimflow.methods.base import Decision, PruningMethod, register, unit_columns, zero_columns
 from slimflow.methods.common import (
-    add_output_biases,
     column_sq_norms,
     covariance,
     forward_passes,
@@ -185,7 +184,7 @@ class SlimLLM(PruningMethod):
 
     def begin_layer(self, index, layer, adapter):
         self._layer, self._adapter, self._sq = layer, adapter, None
-        gate = adapter.mlp_projections(layer)[0]
+        gate = adapter.mlp_linears(layer)[0]
 
         def hook(module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
@@ -215,9 +214,9 @@ class SlimLLM(PruningMethod):
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
-        gate, up, _ = self._adapter.mlp_projections(self._layer)
+        gate, up, _ = self._adapter.mlp_weights(self._layer)
         self.data_parallel.sum_(self._sq)
-        scores = channel_scores(gate.weight.float(), up.weight.float(), weight, self._sq.sqrt(), stats)
+        scores = channel_scores(gate.float(), up.float(), weight, self._sq.sqrt(), stats)
         order = torch.argsort(scores, stable=True)
         start = min(round(self.protect * weight.shape[1]), weight.shape[1] - 1 - n_remove)
         removed = sorted(order[start : start + n_remove].tolist())

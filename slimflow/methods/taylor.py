@@ -70,8 +70,7 @@ class Taylor(PruningMethod):
 
     def prepare(self, model, adapter, calibration, budget, device, batch_size):
         layers = adapter.layers(model)
-        mods = [(adapter.attention_projections(l), adapter.mlp_projections(l)) for l in layers]
-        weights = [m.weight for attn, mlp in mods for m in (*attn, *mlp)]
+        weights = [m.weight for l in layers for m in (*adapter.attention_linears(l), *adapter.mlp_linears(l))]
         home = next(model.parameters()).device
         model.to(device)
         try:
@@ -82,11 +81,13 @@ class Taylor(PruningMethod):
             head_dim = adapter.head_dim(model)
             self._heads, self._channels = [], []
             with torch.no_grad():
-                for layer, (attn, mlp) in zip(layers, mods):
+                for layer in layers:
                     heads, kv = adapter.layer_heads(model, layer)
-                    pairs = [(m.weight.detach().float(), m.weight.grad.float()) for m in attn]
+                    pairs = [(w.detach().float(), g.float()) for w, g in
+                             zip(adapter.attention_weights(model, layer), adapter.attention_weights(model, layer, grad=True))]
                     self._heads.append(head_importance(*pairs, head_dim, heads // kv, self.mode).cpu())
-                    pairs = [(m.weight.detach().float(), m.weight.grad.float()) for m in mlp]
+                    pairs = [(w.detach().float(), g.float()) for w, g in
+                             zip(adapter.mlp_weights(layer), adapter.mlp_weights(layer, grad=True))]
                     self._channels.append(channel_importance(*pairs, self.mode).cpu())
         finally:
             for w in weights:

@@ -3,16 +3,19 @@
 Written next to the weights by slimflow. Load with
 `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`; only torch and transformers are needed.
 
-config.json keeps the dense model's global sizes and lists each layer's widths under `slimflow_layer_widths`
-(`num_attention_heads`, `num_key_value_heads`, `intermediate_size`). The stock model is built from the global
-sizes, then each layer's projections are cut to its recorded widths before the weights are loaded.
-Pruning removes whole KV groups, so `head_dim` and the query heads per KV head stay as in the global config.
+config.json keeps the dense model's global sizes, lists each layer's widths under `slimflow_layer_widths`
+(`num_attention_heads`, `num_key_value_heads`, `intermediate_size`) and, under `slimflow_slicing`, which
+projections hold query/key/value rows and FFN channels (fused projections list several row segments). The stock
+model is built from the global sizes, then each layer's projections are cut to its recorded widths before the
+weights are loaded. Pruning removes whole KV groups, so `head_dim` and the query heads per KV head stay as in
+the global config. The family's class is appended at the end of this file by slimflow.
 """
 
 from __future__ import annotations
 
+import copy
+
 from torch import nn
-from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 
 
 def _leading(linear: nn.Linear, rows: int | None = None, cols: int | None = None) -> nn.Linear:
@@ -36,7 +39,7 @@ def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def _apply_layer_widths(model: nn.Module, widths: list[dict]) -> None:
+def _apply_layer_widths(model: nn.Module, widths: list[dict], spec: dict) -> None:
     layers = model.model.layers
     if len(widths) != len(layers):
         raise ValueError(f"config.json records {len(widths)} layer widths for a model with {len(layers)} layers")
@@ -44,19 +47,22 @@ def _apply_layer_widths(model: nn.Module, widths: list[dict]) -> None:
     for layer, width in zip(layers, widths):
         heads, kv_heads = width["num_attention_heads"], width["num_key_value_heads"]
         channels = width["intermediate_size"]
-        attn, mlp = layer.self_attn, layer.mlp
-        attn.q_proj = _leading(attn.q_proj, rows=heads * head_dim)
-        attn.k_proj = _leading(attn.k_proj, rows=kv_heads * head_dim)
-        attn.v_proj = _leading(attn.v_proj, rows=kv_heads * head_dim)
-        attn.o_proj = _leading(attn.o_proj, cols=heads * head_dim)
+        rows = {"q": heads * head_dim, "kv": kv_heads * head_dim, "c": channels}
+        attn, mlp = getattr(layer, spec["attention"]), getattr(layer, spec["mlp"])
+        for name, segments in spec["attention_inputs"]:
+            setattr(attn, name, _leading(getattr(attn, name), rows=sum(rows[s] for s in segments)))
+        setattr(attn, spec["o_proj"], _leading(getattr(attn, spec["o_proj"]), cols=rows["q"]))
         # Attention kernels repeat each KV head this many times; the value must come from the layer, not the config.
         attn.num_key_value_groups = heads // kv_heads
         for name, value in (("num_heads", heads), ("num_key_value_heads", kv_heads)):
             if hasattr(attn, name):
                 setattr(attn, name, value)
-        mlp.gate_proj = _leading(mlp.gate_proj, rows=channels)
-        mlp.up_proj = _leading(mlp.up_proj, rows=channels)
-        mlp.down_proj = _leading(mlp.down_proj, cols=channels)
+        if spec.get("layer_config"):  # the attention reads its head counts from its config at run time
+            attn.config = copy.copy(attn.config)
+            attn.config.num_attention_heads, attn.config.num_key_value_heads = heads, kv_heads
+        for name, segments in spec["mlp_inputs"]:
+            setattr(mlp, name, _leading(getattr(mlp, name), rows=sum(rows[s] for s in segments)))
+        setattr(mlp, spec["down_proj"], _leading(getattr(mlp, spec["down_proj"]), cols=channels))
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = channels
 
@@ -78,17 +84,4 @@ class _PerLayerWidths:
                 config.per_layer_config = per_layer
         widths = getattr(config, "slimflow_layer_widths", None)
         if widths:
-            _apply_layer_widths(self, widths)
-
-
-class SlimflowLlamaForCausalLM(_PerLayerWidths, LlamaForCausalLM):
-    pass
-
-
-class SlimflowMistralForCausalLM(_PerLayerWidths, MistralForCausalLM):
-    pass
-
-
-class SlimflowQwen2ForCausalLM(_PerLayerWidths, Qwen2ForCausalLM):
-    pass
-
+            _apply_layer_widths(self, widths, config.slimflow_slicing)
