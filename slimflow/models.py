@@ -36,10 +36,14 @@ def is_pruned_checkpoint(path: str | Path) -> bool:
     return config.is_file() and "slimflow_layer_widths" in json.loads(config.read_text())
 
 
-def load_model(name_or_path: str, dtype: str | torch.dtype | None = "auto", device: str | torch.device | None = "auto"):
-    """A slimflow pruned directory (rebuilt without running code from it), a plain HF directory, or a hub id."""
+def load_model(name_or_path: str, dtype: str | torch.dtype | None = "auto", device: str | torch.device | None = "auto",
+               attn_implementation: str | None = None):
+    """A slimflow pruned directory (rebuilt without running code from it), a plain HF directory, or a hub id.
+
+    The one model loader of the CLI, the Lightning module, evaluation and the export."""
     from transformers import AutoModelForCausalLM
 
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     path = Path(name_or_path)
@@ -47,16 +51,16 @@ def load_model(name_or_path: str, dtype: str | torch.dtype | None = "auto", devi
         if is_pruned_checkpoint(path):
             from slimflow.checkpoint import load_pruned
 
-            return load_pruned(path, dtype=torch_dtype, device=device)
+            return load_pruned(path, dtype=torch_dtype, device=device, attn_implementation=attn_implementation)
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} is a directory but has no config.json: point --model at a Hugging Face "
                                  "model directory or a slimflow pruned checkpoint")
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **extra).to(device)
     if path.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
         raise ModelLoadError(f"model directory not found: {name_or_path}. Check the path (relative paths are "
                              "resolved from the current directory).")
     try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype).to(device)
+        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, **extra).to(device)
     except OSError as err:
         raise ModelLoadError(f"could not load {name_or_path!r} as a local directory or a hub model id ({err}). "
                              "Offline, download the model first and pass its local directory.") from err

@@ -218,3 +218,27 @@ def test_bad_callback_arguments():
         Calibration(source="../no/such/missing.txt")
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         Evaluation(ppl=["../no/such/missing.txt:128"])
+
+
+def test_causal_lm_module_finetunes_a_slimflow_export(assets, tmp_path):
+    """`CausalLMModule(pretrained=<pruned checkpoint>)` loads it at its widths and trains it (stock
+    `from_pretrained` cannot build the narrower layers)."""
+    import slimflow
+    from slimflow.checkpoint import load_pruned, save_pruned
+    from slimflow.lightning.module import CausalLMModule
+    from slimflow.models import load_model, load_tokenizer
+    from slimflow.surgery import layer_widths
+
+    model = load_model(assets["model"], dtype="float32", device="cpu")
+    ids = torch.randint(3, 300, (8, 32), generator=torch.Generator().manual_seed(2))
+    slimflow.prune(model, ids, 0.25, schedule="uniform", progress=False)
+    export = save_pruned(model, tmp_path / "pruned", tokenizer=load_tokenizer(assets["model"]))
+    module = CausalLMModule(pretrained=str(export), lr=1e-3, warmup_steps=0)
+    batches = DataLoader([{"input_ids": row, "labels": row} for row in ids], batch_size=4)
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=2, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=batches)
+    assert layer_widths(module.model) == layer_widths(model)
+    before = load_pruned(export)
+    changed = [not torch.equal(a, b) for a, b in zip(module.model.parameters(), before.parameters())]
+    assert any(changed)

@@ -39,7 +39,8 @@ class CausalLMModule(LightningModule):
     `on_load_checkpoint` rebuilds the recorded architecture first (`slimflow.lightning.restore`).
 
     Args:
-        pretrained: Hugging Face hub id or local directory of the model (and its tokenizer).
+        pretrained: Hugging Face hub id or local directory of the model (and its tokenizer); slimflow pruned
+            checkpoints load at their per-layer widths (no remote code runs).
         lr: peak learning rate of AdamW.
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
@@ -69,11 +70,12 @@ class CausalLMModule(LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        from transformers import AutoModelForCausalLM
+        from slimflow.models import load_model
 
         hp = self.hparams
-        kwargs = {"attn_implementation": hp.attn_implementation} if hp.attn_implementation else {}
-        self.model = AutoModelForCausalLM.from_pretrained(hp.pretrained, dtype=DTYPES[hp.dtype], **kwargs)
+        # slimflow's one loader: pruned checkpoints are rebuilt at their widths, dense ones load as usual
+        self.model = load_model(hp.pretrained, dtype=DTYPES[hp.dtype], device="cpu",
+                                attn_implementation=hp.attn_implementation)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps modules' modes as they are
         if hp.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()

@@ -72,16 +72,12 @@ class _PerLayerWidths:
 
     def __init__(self, config, *args, **kwargs):
         # Transformers versions that understand `per_layer_config` refuse global reads of per-layer sizes, but the
-        # stock layers are built from the global ones. Build without it, then put it back for saving and caches.
-        per_layer = None
+        # stock layers are built from the global ones (the widest layer's). Build without it and keep it off, so
+        # `config.num_key_value_heads` reads the same value as on slimflow's own loader; per-layer widths stay in
+        # `config.slimflow_layer_widths`.
         if getattr(config, "is_heterogeneous", False):
-            per_layer = config.to_dict().get("per_layer_config")
             config.per_layer_config = None
-        try:
-            super().__init__(config, *args, **kwargs)
-        finally:
-            if per_layer:
-                config.per_layer_config = per_layer
+        super().__init__(config, *args, **kwargs)
         widths = getattr(config, "slimflow_layer_widths", None)
         if widths:
             _apply_layer_widths(self, widths, config.slimflow_slicing)
