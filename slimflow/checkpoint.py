@@ -156,9 +156,10 @@ def _config_dict(model: nn.Module, widths: list[LayerWidths], tied: bool, dtype:
     config.dtype = dtype
     data = json.loads(config.to_json_string(use_diff=True))
     data.pop("per_layer_config", None)
+    # Global sizes stay those of the dense skeleton both reload paths cut the layers from (transformers validates
+    # them, e.g. hidden_size % num_attention_heads); per-layer values live in `slimflow_layer_widths`.
     for key in _GLOBAL_SIZES:
         data[key] = getattr(config, key)
-    data.update(_widest(widths))
     data["tie_word_embeddings"] = tied
     adapter = get_adapter(model)
     data["architectures"] = [adapter.remote_class]
@@ -168,18 +169,6 @@ def _config_dict(model: nn.Module, widths: list[LayerWidths], tied: bool, dtype:
     data["per_layer_config"] = _per_layer_config(widths)
     data["slimflow_version"] = slimflow.__version__
     return data
-
-
-def _widest(widths: list[LayerWidths]) -> dict:
-    """The global head and FFN sizes of a pruned checkpoint: those of its widest layer.
-
-    Both reload paths build every layer at these sizes and cut it to its own widths, so `config.num_key_value_heads`
-    and friends read the same, never-raising value on either path: exact for uniformly pruned models, an upper
-    bound (the width to plan caches and buffers for) otherwise. Per-layer values: `slimflow_layer_widths`."""
-    if not widths:
-        return {}
-    return {key: max(getattr(w, key) for w in widths)
-            for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size")}
 
 
 def _per_layer_config(widths: list[LayerWidths]) -> dict:

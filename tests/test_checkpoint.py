@@ -105,7 +105,7 @@ def test_config_and_pruning_record(tmp_path):
     assert config["slimflow_layer_widths"] == widths
     assert config["per_layer_config"]["0"] == {"num_key_value_heads": 1, "intermediate_size": 48}
     assert config["auto_map"] == {"AutoModelForCausalLM": "modeling_slimflow.SlimflowLlamaForCausalLM"}
-    # Global sizes are the widest layer's (layer 1 keeps its heads, layer 2 its channels): layers are cut from them.
+    # Global sizes stay dense: the layers are cut from them.
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]) == (4, 2, 96)
 
     record = json.loads((path / "pruning.json").read_text())
@@ -273,8 +273,9 @@ def test_reference_model_round_trip(tmp_path):
 
 
 def test_both_reload_paths_expose_the_same_global_sizes(tmp_path):
-    """`config.num_key_value_heads` & co. read the widest layer's value on both reload paths (never raise, never
-    the dense value when every layer lost heads); per-layer widths stay in `slimflow_layer_widths`."""
+    """`config.num_key_value_heads` & co. read the same value on both reload paths without raising: the dense
+    skeleton's sizes the layers are cut from; every layer's own widths are in `slimflow_layer_widths` and in
+    the modules."""
     model = tiny_model("llama_gqa")
     adapter = get_adapter(model)
     for i, layer in enumerate(adapter.layers(model)):
@@ -284,5 +285,7 @@ def test_both_reload_paths_expose_the_same_global_sizes(tmp_path):
     for reloaded in (load_pruned(path), _from_pretrained(path)):
         config = reloaded.config
         sizes = (config.num_attention_heads, config.num_key_value_heads, config.intermediate_size)
-        assert sizes == (2, 1, 56)
+        assert sizes == (4, 2, 96)
         assert [w["intermediate_size"] for w in config.slimflow_layer_widths] == [40, 48, 56]
+        assert [w["num_key_value_heads"] for w in config.slimflow_layer_widths] == [1, 1, 1]
+        assert layer_widths(reloaded) == layer_widths(model)
