@@ -80,9 +80,14 @@ def prune_by_plan(model, plan):
     return model
 
 
-def export_and_compare(model, tokenizer, directory: Path, dtype: str = "f32", text: str = TEXT):
-    """save_pruned -> `slimflow export` -> llama.cpp, compared with `load_pruned` of the same checkpoint."""
-    save_pruned(model, directory / "ckpt", tokenizer=tokenizer, overwrite=True)
+def export_and_compare(model, tokenizer, directory: Path, dtype: str = "f32", text: str = TEXT, plain_hf=False):
+    """save_pruned -> `slimflow export` -> llama.cpp, compared with `load_pruned` of the same checkpoint
+    (`plain_hf`: a dense model saved with `save_pretrained`, not by slimflow)."""
+    if plain_hf:
+        model.save_pretrained(directory / "ckpt")
+        tokenizer.save_pretrained(directory / "ckpt")
+    else:
+        save_pruned(model, directory / "ckpt", tokenizer=tokenizer, overwrite=True)
     out = directory / f"model-{dtype}.gguf"
     assert main(["export", "--format", "gguf", "--model", str(directory / "ckpt"), "--output", str(out),
                  "--dtype", dtype, "--overwrite", "true"]) == 0
@@ -158,9 +163,11 @@ def test_llama3_style_tokenizer(tmp_path):
 
 def test_dense_mistral(tmp_path):
     result, path = export_and_compare(tiny_model("mistral", vocab_size=400, sliding_window=None), bpe_tokenizer(),
-                                      tmp_path)
-    record("tiny Mistral dense", result, path)
+                                      tmp_path, plain_hf=True)
+    record("tiny Mistral dense (plain Hugging Face directory)", result, path)
     assert_equivalent(result)
+    summary = write_gguf(tiny_model("mistral", vocab_size=400), bpe_tokenizer(), tmp_path / "w.gguf")
+    assert "sliding window of 8 tokens" in summary["warnings"][0]
 
 
 @pytest.mark.parametrize("dtype,atol", [("f16", 0.05), ("bf16", 0.3), ("q8_0", 0.3)])
