@@ -10,6 +10,8 @@ Contract (all a LightningModule needs to gain pruning, LoRA, evaluation and expo
 - a tokenizer is found at `pl_module.tokenizer`, else `trainer.datamodule.tokenizer`, else it is loaded from
   the model's `name_or_path`;
 - `configure_optimizers` must only use parameters with `requires_grad` (LoRA freezes the rest).
+- for checkpoints that restore into a fresh module, `on_load_checkpoint(checkpoint)` calls
+  `slimflow.lightning.restore_architecture(self, checkpoint)` (see `slimflow.lightning.restore`).
 
 Callbacks of slimflow talk to each other through the methods of `SlimflowCallback` (`on_before_prune`, ...),
 called on every slimflow callback of the trainer, so their order in `trainer.callbacks` does not matter.
