@@ -82,12 +82,22 @@ FAMILIES: dict[str, GGUFFamily] = {
 }
 
 
+# Families slimflow prunes but whose layers llama.cpp's deci graph cannot (or this exporter does not yet) express.
+_NOT_DECI = {
+    "gemma2": "Gemma-2 scales the embeddings, normalises with (1 + weight), has post-attention and post-FFN norms, "
+              "GELU and logit soft-capping, none of which llama.cpp's deci graph computes",
+    "phi3": "Phi-3 stores fused qkv_proj / gate_up_proj, which this exporter does not split yet, and its "
+            "long-context models use longrope scaling",
+}
+
+
 def gguf_family(config) -> GGUFFamily:
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
-        raise GGUFExportError(
-            f"GGUF export does not support model_type={model_type!r}: llama.cpp's deci architecture runs "
-            f"LLaMA-layout models only (RMSNorm, SwiGLU, full rotary); supported: {', '.join(FAMILIES)}")
+        reason = _NOT_DECI.get(model_type, "llama.cpp's deci architecture runs LLaMA-layout models only (RMSNorm, "
+                                           "SwiGLU, full rotary)")
+        raise GGUFExportError(f"GGUF export does not support model_type={model_type!r}: {reason}; supported: "
+                              f"{', '.join(FAMILIES)}")
     return FAMILIES[model_type]
 
 
