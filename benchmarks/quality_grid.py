@@ -28,7 +28,8 @@ import torch
 
 CORPUS = "../shared/pretrain_corpus/part-007.txt.gz"
 EVAL_TOKENS, WINDOW, WINDOWS, SKIP = 400_000, 128, 300, 400_000
-SCHEDULES = ("uniform", "log_increase", "adaptive")
+SCHEDULES = ("uniform", "log_increase", "adaptive", "adaptive-residual")
+VARIANTS = {"adaptive-residual": ("adaptive", {"normalize": "residual"}), "adaptive-none": ("adaptive", {"normalize": "none"})}
 
 
 def calibration_key(sampling: str, num_samples: int, seqlen: int, seed: int) -> str:
@@ -65,40 +66,44 @@ def prepare(*, out: str, tokenizer: str = "../shared/models/ref-llama-27m", corp
                               skip_tokens=SKIP if sampling == "random" else 0)
         tensors[calibration_key(sampling, n, length, seed)] = ids.to(torch.int32).contiguous()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.to(torch.int32).contiguous() for k, v in tensors.items()}, out)
+    save_file({k: v.to(torch.int16 if int(v.max()) < 2**15 else torch.int32).contiguous() for k, v in tensors.items()}, out)
     print({k: tuple(v.shape) for k, v in tensors.items()})
 
 
-def cells(models: list[str], gqa: str | None = None) -> list[dict]:
-    """Every cell, in the order they run."""
-    main_model = models[0]
+def cells(models: list[str], reference: str = "ref-llama-27m", gqa: str | None = None) -> list[dict]:
+    """Every cell, in the order they run: the main table for every model, then on `reference` the losing
+    adaptive variant, seeds and ablations; the GQA stress cell on `gqa`."""
     out = []
     for model in models:  # the main table: every model, both ratios, both samplings, three schedules
         for ratio in (0.2, 0.5):
             for sampling in ("tail", "random"):
                 for schedule in SCHEDULES:
                     out.append(dict(group="main", model=model, ratio=ratio, schedule=schedule, sampling=sampling))
-    for seed in (1, 2):  # seed spread of random calibration
-        for ratio in (0.2, 0.5):
-            for schedule in SCHEDULES:
-                out.append(dict(group="seeds", model=main_model, ratio=ratio, schedule=schedule, sampling="random",
-                                seed=seed))
-    for ratio in (0.2, 0.5):  # adaptive variants that lost (kept for the record) and a GQA stress test
-        out.append(dict(group="variants", model=main_model, ratio=ratio, schedule="adaptive", sampling="random",
-                        options={"normalize": "none"}))
-    if gqa:
+                if model == reference:  # adaptive with raw (unnormalised) errors
+                    out.append(dict(group="variants", model=model, ratio=ratio, schedule="adaptive-none",
+                                    sampling=sampling))
+    if gqa in models:
         out.append(dict(group="variants", model=gqa, ratio=0.7, schedule="adaptive", sampling="random"))
-    for ratio in (0.2, 0.5):  # ablations of the default (adaptive, random calibration)
-        for n in (32, 512):
-            out.append(dict(group="ablations", model=main_model, ratio=ratio, schedule="adaptive", sampling="random",
-                            num_samples=n))
-        for length in (128, 2048):
-            out.append(dict(group="ablations", model=main_model, ratio=ratio, schedule="adaptive", sampling="random",
-                            seqlen=length))
-        for damp in (0.001, 0.1):
-            out.append(dict(group="ablations", model=main_model, ratio=ratio, schedule="adaptive", sampling="random",
-                            damp=damp))
+        out.append(dict(group="variants", model=gqa, ratio=0.7, schedule="log_increase", sampling="random"))
+    if reference in models:
+        for seed in (1, 2):  # seed spread of random calibration
+            for ratio in (0.2, 0.5):
+                for schedule in SCHEDULES:
+                    out.append(dict(group="seeds", model=reference, ratio=ratio, schedule=schedule,
+                                    sampling="random", seed=seed))
+        for ratio in (0.2, 0.5):  # ablations of the default (adaptive, random calibration)
+            for damp in (0.001, 0.1):
+                out.append(dict(group="ablations", model=reference, ratio=ratio, schedule="adaptive",
+                                sampling="random", damp=damp))
+            for n in (32, 512):
+                out.append(dict(group="ablations", model=reference, ratio=ratio, schedule="adaptive",
+                                sampling="random", num_samples=n))
+            for length in (128, 2048):
+                out.append(dict(group="ablations", model=reference, ratio=ratio, schedule="adaptive",
+                                sampling="random", seqlen=length))
     for c in out:
+        if c["schedule"] in VARIANTS:
+            c["schedule"], c["options"] = VARIANTS[c["schedule"]]
         c.setdefault("seed", 0)
         c.setdefault("num_samples", 128)
         c.setdefault("seqlen", 512)
@@ -115,8 +120,9 @@ def _perplexity(model, ids: torch.Tensor, windows: int, device) -> float:
 
 
 def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", budget_s: float = 1e9,
-        windows: int = WINDOWS, groups: list[str] | None = None, gqa: str | None = None) -> list[dict]:
-    """Run the grid; `models` maps a short name to a model directory (the first one gets seeds and ablations).
+        windows: int = WINDOWS, groups: list[str] | None = None, reference: str = "ref-llama-27m",
+        gqa: str | None = None) -> list[dict]:
+    """Run the grid; `models` maps a short name to a model directory.
 
     Args:
         data: file written by `prepare`.
@@ -126,7 +132,8 @@ def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", bu
         budget_s: start no new cell after this many seconds.
         windows: evaluation windows of 128 tokens.
         groups: cell groups to run (default all: main, seeds, variants, ablations).
-        gqa: name of the GQA model for the 70% stress cell.
+        reference: name of the model that also gets seeds, ablations and the adaptive variant.
+        gqa: name of the GQA model for the 70% stress cells.
     """
     from safetensors.torch import load_file
 
@@ -153,7 +160,7 @@ def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", bu
     header = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "windows": windows, "window": WINDOW,
               "dense": {k: {"ppl": v["ppl"], "params": v["params"]} for k, v in dense.items()}}
-    todo = [c for c in cells(list(models), gqa) if c["model"] in dense and (groups is None or c["group"] in groups)]
+    todo = [c for c in cells(list(dense), reference, gqa) if c["model"] in dense and (groups is None or c["group"] in groups)]
     for i, cell in enumerate(todo):
         if time.perf_counter() - started > budget_s:
             print(f"budget reached: {len(todo) - i} cells not run", flush=True)

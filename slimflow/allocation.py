@@ -25,7 +25,7 @@ from slimflow.algorithms.obs import condition_hessian, invert_hessian
 from slimflow.algorithms.schedules import LayerPlan, LayerShape, ScheduleError, layer_limits
 from slimflow.pipeline import _propagate, capture_layer_inputs
 
-NORMALIZATIONS = ("residual", "none")
+NORMALIZATIONS = ("gradient", "residual", "none")
 
 
 OPTIONS = ("normalize", "points")
@@ -40,9 +40,52 @@ def check_schedule_options(schedule: str | None, options: dict | None) -> None:
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise ScheduleError(f"unknown adaptive schedule option(s) {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
-    if options.get("normalize", "residual") not in NORMALIZATIONS:
+    if options.get("normalize", "gradient") not in NORMALIZATIONS:
         raise ScheduleError(f"unknown normalize={options['normalize']!r} for the adaptive schedule; choose one of "
                             f"{', '.join(NORMALIZATIONS)}")
+
+
+def residual_gradient_energy(model: nn.Module, adapter: ModelAdapter, calibration: torch.Tensor,
+                             batch_size: int) -> list[tuple[float, float]]:
+    """Per layer, `mean_t ‖∂L/∂h_t‖²` of the summed next-token loss at the residual stream after the attention
+    block and after the FFN block: one forward + backward pass of the dense model where it lives."""
+    from slimflow.methods.common import lm_backward_passes
+
+    layers = adapter.layers(model)
+    sums = [[0.0, 0.0] for _ in layers]
+    tokens = [0]
+
+    def watch(index, kind):
+        def hook(tensor):
+            sums[index][kind] += float(tensor.detach().float().pow(2).sum())
+        return hook
+
+    def on_mid(index):
+        def hook(module, args):
+            if args[0].requires_grad:
+                args[0].register_hook(watch(index, 0))
+        return hook
+
+    def on_out(index):
+        def hook(module, args, out):
+            h = out[0] if isinstance(out, tuple) else out
+            if h.requires_grad:
+                h.register_hook(watch(index, 1))
+        return hook
+
+    def count(module, args, kwargs):
+        tokens[0] += (args[0] if args else kwargs["hidden_states"]).shape[:-1].numel()
+
+    handles = [layers[0].register_forward_pre_hook(count, with_kwargs=True)]
+    for i, layer in enumerate(layers):
+        handles.append(adapter.post_attention_norm(layer).register_forward_pre_hook(on_mid(i)))
+        handles.append(layer.register_forward_hook(on_out(i)))
+    try:
+        lm_backward_passes(model, calibration, batch_size, next(model.parameters()).device)
+    finally:
+        for h in handles:
+            h.remove()
+    return [(a / max(tokens[0], 1), b / max(tokens[0], 1)) for a, b in sums]
 
 
 def _inverse(weight: torch.Tensor, stats: HessianAccumulator, damp: float):
@@ -99,15 +142,22 @@ def measure_cost_curves(model: nn.Module, adapter: ModelAdapter, calibration: to
     return head_curves, channel_curves, energies
 
 
-def allocate(head_curves: list[CostCurve], channel_curves: list[CostCurve], energies: list[float],
-             shapes: list[LayerShape], target_params: float, normalize: str = "residual") -> list[LayerPlan]:
-    """Per-layer plans from measured curves: costs scaled per layer (`normalize`), then `solve_budget`."""
+def allocate(head_curves: list[CostCurve], channel_curves: list[CostCurve], energies: list[tuple[float, float]],
+             shapes: list[LayerShape], target_params: float, normalize: str = "gradient",
+             gradients: list[tuple[float, float]] | None = None) -> list[LayerPlan]:
+    """Per-layer plans from measured curves: costs scaled per block (`normalize`), then `solve_budget`.
+
+    `gradient`: error × `mean ‖∂L/∂h‖²` at the stream the block writes to (`gradients`): the second-order
+    loss increase of an isotropic perturbation, which carries the amplification by all later layers.
+    `residual`: error / energy of that stream (relative perturbation). `none`: raw errors."""
     if normalize not in NORMALIZATIONS:
         raise ScheduleError(f"unknown normalize={normalize!r} for the adaptive schedule; choose one of "
                             f"{', '.join(NORMALIZATIONS)}")
     curves = []
     for (e_attn, e_ffn), h, c in zip(energies, head_curves, channel_curves):
         s_attn, s_ffn = (1 / max(e_attn, 1e-30), 1 / max(e_ffn, 1e-30)) if normalize == "residual" else (1.0, 1.0)
+        if normalize == "gradient":
+            s_attn, s_ffn = gradients[len(curves) // 2]
         curves.append(CostCurve(h.counts, [x * s_attn for x in h.costs], h.unit_params))
         curves.append(CostCurve(c.counts, [x * s_ffn for x in c.costs], c.unit_params))
     try:
@@ -126,17 +176,18 @@ def allocate(head_curves: list[CostCurve], channel_curves: list[CostCurve], ener
 
 def adaptive_plan(model: nn.Module, adapter: ModelAdapter, calibration: torch.Tensor, shapes: list[LayerShape],
                   target_params: float, channel_multiple: int, max_ratio: float | None, device: torch.device,
-                  batch_size: int = 8, damp: float = 0.01, normalize: str = "residual", points: int = 64,
+                  batch_size: int = 8, damp: float = 0.01, normalize: str = "gradient", points: int = 64,
                   exact_head_score: bool = False, progress: bool = True,
                   times: dict | None = None) -> tuple[list[LayerPlan], dict]:
     """The adaptive schedule's per-layer plan for `target_params` parameters, and what it measured."""
     t = time.perf_counter()
+    gradients = residual_gradient_energy(model, adapter, calibration, batch_size) if normalize == "gradient" else None
     heads, channels, energies = measure_cost_curves(model, adapter, calibration, shapes, channel_multiple, max_ratio,
                                                     device, batch_size, damp, points, exact_head_score, progress)
-    plans = allocate(heads, channels, energies, shapes, target_params, normalize)
+    plans = allocate(heads, channels, energies, shapes, target_params, normalize, gradients)
     if times is not None:
         times["allocation"] = round(time.perf_counter() - t, 4)
-    info = {"normalize": normalize, "residual_energy": energies,
+    info = {"normalize": normalize, "residual_energy": energies, "gradient_energy": gradients,
             "head_curves": [h.costs for h in heads], "channel_counts": [c.counts for c in channels],
             "channel_curves": [c.costs for c in channels]}
     return plans, info

@@ -30,7 +30,7 @@ def test_adaptive_hits_the_ratio_within_the_floors(family, ratio, multiple):
         assert result.widths.num_key_value_heads >= shape.head_units - max_units >= 1
         assert result.widths.intermediate_size >= shape.channels - max_channels
         assert result.widths.intermediate_size % multiple == 0
-    assert report.settings["allocation"]["normalize"] == "residual"
+    assert report.settings["allocation"]["normalize"] == "gradient"
     heads = [r.widths.num_key_value_heads for r in report.layers]
     channels = [r.widths.intermediate_size for r in report.layers]
     assert len(set(channels)) > 1 or len(set(heads)) > 1  # not a uniform plan in disguise
@@ -88,3 +88,24 @@ def test_unreachable_ratio_fails_before_any_work_with_the_reachable_limit(short_
         main(["prune", "--model", str(short_gqa / "dense"), "--calibration", str(short_gqa / "missing.txt"),
               "--output", str(out), "--ratio", "0.9", "--schedule", "adaptive"])
     assert not out.exists()
+
+
+def test_gradient_energy_matches_autograd_on_the_layer_outputs():
+    import torch.nn.functional as F
+
+    from slimflow.allocation import residual_gradient_energy
+
+    model = tiny_model("llama", num_hidden_layers=3)
+    ids = _ids(6, 16)
+    energies = residual_gradient_energy(model, get_adapter(model), ids, batch_size=4)
+    emb = model.model.embed_tokens(ids).detach().requires_grad_(True)
+    out = model(inputs_embeds=emb, output_hidden_states=True)
+    for h in out.hidden_states:
+        h.retain_grad()
+    F.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").backward()
+    # hidden_states[i + 1] is layer i's output (the last one is after the final norm: not compared)
+    for i in range(2):
+        assert energies[i][1] == pytest.approx(float(out.hidden_states[i + 1].grad.pow(2).sum()) / ids.numel(),
+                                               rel=1e-4)
+    assert all(p.grad is None or True for p in model.parameters())
+    assert energies[0][0] > energies[-1][0]  # early perturbations travel through more layers
