@@ -34,6 +34,8 @@ class ModelAdapter:
             `attention_bias`, `mlp_bias`). Empty: the family cannot hold the output biases some methods write.
         layer_config: the stock attention reads head counts from its `config` at run time (Phi-3 splits its
             fused qkv by `config.num_attention_heads`), so each pruned layer gets its own config copy.
+        ffn_norm: the norm in front of the FFN, whose input is the residual stream after the attention block
+            (Gemma-2's `post_attention_layernorm` normalises the attention output instead).
     """
 
     model_types: tuple[str, ...]
@@ -47,6 +49,7 @@ class ModelAdapter:
     down_proj_name: str = "down_proj"
     bias_flags: tuple[str, ...] = ()
     layer_config: bool = False
+    ffn_norm: str = "post_attention_layernorm"
 
     # ------------------------------------------------------------------------------------------- where
     def layers(self, model: nn.Module) -> nn.ModuleList:
@@ -70,7 +73,7 @@ class ModelAdapter:
 
     def post_attention_norm(self, layer: nn.Module) -> nn.Module:
         """The norm in front of the FFN: its input is the residual stream after the attention block."""
-        return layer.post_attention_layernorm
+        return getattr(layer, self.ffn_norm)
 
     def o_proj(self, layer: nn.Module) -> nn.Linear:
         """The projection that owns the head units (its input columns are the heads' outputs)."""

@@ -4,4 +4,4 @@ MLP cannot hold the biases some methods write."""
 
 from slimflow.adapters.base import ModelAdapter
 
-GEMMA2 = ModelAdapter(model_types=("gemma2",), stock_class="Gemma2ForCausalLM")
+GEMMA2 = ModelAdapter(model_types=("gemma2",), stock_class="Gemma2ForCausalLM", ffn_norm="pre_feedforward_layernorm")
