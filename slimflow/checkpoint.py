@@ -13,6 +13,7 @@ import copy
 import json
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 import slimflow
 from slimflow.adapters import get_adapter
+from slimflow.errors import MissingInputError, OutputExistsError, SlimflowUserError
 from slimflow.surgery import LayerWidths, apply_widths, count_parameters, layer_widths
 
 WEIGHTS_NAME = "model.safetensors"
@@ -45,23 +47,53 @@ _GLOBAL_SIZES = (
 _PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
-class NotASlimflowCheckpointError(ValueError):
+class NotASlimflowCheckpointError(SlimflowUserError, ValueError):
     pass
+
+
+class CorruptWeightsError(SlimflowUserError, ValueError):
+    pass
+
+
+def check_safetensors(file: Path) -> None:
+    """Read the header of a safetensors `file` (cheap): a truncated or foreign file fails with its name."""
+    from safetensors import SafetensorError
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            handle.keys()
+    except SafetensorError as err:
+        raise CorruptWeightsError(f"{file} is not a complete safetensors file ({err}): it is probably truncated "
+                                  "(an interrupted download or copy); copy or export it again") from err
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a model directory (single file or sharded with an index)."""
+    if (path / WEIGHTS_NAME).is_file():
+        return [path / WEIGHTS_NAME]
+    if (path / WEIGHTS_INDEX_NAME).is_file():
+        index = json.loads((path / WEIGHTS_INDEX_NAME).read_text())
+        return [path / name for name in sorted(set(index["weight_map"].values()))]
+    return sorted(path.glob("*.safetensors"))
 
 
 # ----------------------------------------------------------------------------------------------------------- save
 
 
-def save_pruned(model: nn.Module, path, tokenizer=None, report=None, overwrite: bool = False) -> Path:
+def save_pruned(model: nn.Module, path, tokenizer=None, report=None, overwrite: bool = False,
+                extras: Callable[[Path], None] | None = None) -> Path:
     """Write `model` (pruned or dense) as a checkpoint directory at `path` and return the path.
 
     Everything is written to a temporary sibling first and renamed into place at the end, so a failure never
     leaves a half-written checkpoint and an existing one is replaced only once the new one is complete.
+    `extras(directory)` may add further files (reports, plots) to the staging directory before the rename.
     """
     with staged_directory(model, path, overwrite) as staging:
         tensors, tied = _weights_for_saving(model)
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
         write_metadata(model, staging, tokenizer, report, tied, dtype=next(iter(tensors.values())).dtype)
+        if extras is not None:
+            extras(staging)
     return Path(path)
 
 
@@ -71,14 +103,14 @@ def staged_directory(model: nn.Module, path, overwrite: bool = False):
     removed when it fails."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+        raise OutputExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
     get_adapter(model)  # raises the "unsupported model type" error before anything is written
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
         yield staging
-        _replace(staging, path)
+        replace_directory(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -105,7 +137,7 @@ def modeling_file(adapter) -> str:
     )
 
 
-def _replace(staging: Path, path: Path) -> None:
+def replace_directory(staging: Path, path: Path) -> None:
     """Move the finished `staging` directory to `path`, keeping any old `path` until the move has succeeded."""
     if not path.exists():
         staging.rename(path)
@@ -217,7 +249,7 @@ def load_pruned(path, dtype: torch.dtype | None = None, device=None, attn_implem
     """
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"no checkpoint directory at {path}")
+        raise MissingInputError(f"no checkpoint directory at {path}")
     config_path = path / CONFIG_NAME
     if not config_path.is_file():
         raise NotASlimflowCheckpointError(f"{path} has no {CONFIG_NAME}; it is not a model directory")
@@ -262,17 +294,17 @@ def _stock_config(data: dict, attn_implementation: str | None):
 
 
 def _read_weights(path: Path, device) -> dict[str, torch.Tensor]:
-    if (path / WEIGHTS_NAME).is_file():
-        files = [path / WEIGHTS_NAME]
-    elif (path / WEIGHTS_INDEX_NAME).is_file():
-        index = json.loads((path / WEIGHTS_INDEX_NAME).read_text())
-        files = [path / name for name in sorted(set(index["weight_map"].values()))]
-    else:
+    files = weight_files(path)
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise MissingInputError(f"{path} lists weight files that are missing: {', '.join(missing)}")
+    if not files:
         pickles = [name for name in _PICKLE_NAMES if (path / name).exists()]
         hint = f" (found {pickles[0]}: slimflow reads safetensors only)" if pickles else ""
-        raise FileNotFoundError(f"{path} has no {WEIGHTS_NAME}{hint}")
+        raise MissingInputError(f"{path} has no {WEIGHTS_NAME}{hint}")
     tensors = {}
     for file in files:
+        check_safetensors(file)
         with safe_open(str(file), framework="pt", device=str(device or "cpu")) as handle:
             for name in handle.keys():
                 tensors[name] = handle.get_tensor(name)

@@ -3,24 +3,45 @@
 `slimflow fit|validate|test ...` is a LightningCLI application (see `slimflow.lightning.cli`).
 `slimflow prune|eval|report|compare ...` are plain functions whose signatures and docstrings are the schema
 (jsonargparse), so `--print_config`, `--config` and `--help` work the same way for them.
-Options may be spelled with dashes or underscores (`--num-samples` == `--num_samples`).
+Options may be spelled with dashes or underscores (`--num-samples` == `--num_samples`); they are never
+abbreviated (`--trainer.max_epoch` is an error, as in a YAML config). A boolean option given without a value
+means true (`--overwrite` == `--overwrite true`).
+
+Errors in what was asked for (a value, a path, a model; `slimflow.errors.SlimflowUserError`) print one line
+`error: ...` and exit with status 2; `--debug` (or SLIMFLOW_DEBUG=1) shows their traceback too. Any other
+exception is a defect and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
+import os
 import re
 import sys
+import traceback
 
 # subcommand -> "module:function"; each function's signature is its command-line schema
 FUNCTION_COMMANDS = {
-    "prune": "slimflow.commands:prune",
+    "prune": "slimflow.commands:prune_command",
     "eval": "slimflow.evaluation.commands:eval",
     "report": "slimflow.evaluation.commands:report",
     "compare": "slimflow.commands:compare",
     "export": "slimflow.export.commands:export",
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+SUMMARIES = {
+    "prune": "prune a model once (layer-wise, no finetuning) and save a smaller checkpoint that reloads",
+    "fit": "prune, finetune with LoRA, evaluate and export in one Lightning run (configs/*.yaml)",
+    "validate": "validation loop of a (pruned) model or a fit checkpoint (--ckpt_path)",
+    "test": "test loop of a (pruned) model or a fit checkpoint (--ckpt_path)",
+    "predict": "prediction loop (LightningCLI)",
+    "eval": "perplexity and zero-shot accuracy of any model directory; writes metrics.json",
+    "report": "one table and plots comparing evaluated runs (slimflow report RUN_DIR [RUN_DIR ...])",
+    "compare": "prune one model with several methods and ratios, and compare their perplexity",
+}
+DEBUG_ENV = "SLIMFLOW_DEBUG"  # same name as slimflow.errors.DEBUG_ENV
+BOOL_VALUES = {"true", "false", "yes", "no", "1", "0", "on", "off"}
 
 
 def _underscore_options(argv: list[str]) -> list[str]:
@@ -29,6 +50,33 @@ def _underscore_options(argv: list[str]) -> list[str]:
         m = re.match(r"^--([A-Za-z0-9][A-Za-z0-9_.-]*)(=.*)?$", arg)
         out.append(f"--{m.group(1).replace('-', '_')}{m.group(2) or ''}" if m else arg)
     return out
+
+
+def _bare_flags(argv: list[str], flags: set[str]) -> list[str]:
+    """`--overwrite` without a value means `--overwrite true` for the boolean options in `flags`."""
+    out = []
+    for i, arg in enumerate(argv):
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        if arg.startswith("--") and arg[2:] in flags and (following is None or following.lower() not in BOOL_VALUES):
+            arg += "=true"
+        out.append(arg)
+    return out
+
+
+def _join_positionals(argv: list[str]) -> list[str]:
+    """`report a b,c --output x` -> `report a,b,c --output x` (the command takes one comma-separated list)."""
+    positionals, rest, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("-"):
+            rest.append(arg)
+            if "=" not in arg and arg not in ("-h", "--help") and i + 1 < len(argv):
+                rest.append(argv[i + 1])
+                i += 1
+        else:
+            positionals.append(arg)
+        i += 1
+    return ([",".join(positionals)] if positionals else []) + rest
 
 
 def _load(target: str):
@@ -40,19 +88,26 @@ def run_function_command(name: str, argv: list[str]):
     from jsonargparse import auto_cli
 
     func = _load(FUNCTION_COMMANDS[name])
-    return auto_cli(func, args=_underscore_options(argv), prog=f"slimflow {name}")
+    flags = {p.name for p in inspect.signature(func).parameters.values() if p.annotation in (bool, "bool", "bool | None")}
+    argv = _bare_flags(_underscore_options(argv), flags)
+    if name == "report":
+        argv = _join_positionals(argv)
+    return auto_cli(func, args=argv, prog=f"slimflow {name}", description=f"slimflow {name}: {SUMMARIES[name]}.",
+                    allow_abbrev=False)
 
 
 def _usage() -> str:
-    names = ", ".join(LIGHTNING_COMMANDS + tuple(FUNCTION_COMMANDS))
-    return f"usage: slimflow {{{names}}} [options]   (slimflow SUBCOMMAND --help for details)"
+    width = max(map(len, SUMMARIES))
+    lines = [f"usage: slimflow SUBCOMMAND [options]   (slimflow SUBCOMMAND --help for its options)", "",
+             "subcommands:"]
+    lines += [f"  {name:<{width}}  {summary}" for name, summary in SUMMARIES.items()]
+    lines += ["", "  --debug  show the traceback of an error (also SLIMFLOW_DEBUG=1)"]
+    return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None):
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
-        print(__doc__)
         return 0 if argv else 2
     command = argv[0]
     if command in FUNCTION_COMMANDS:
@@ -63,8 +118,30 @@ def main(argv: list[str] | None = None):
 
         lightning_main(_underscore_options(argv))
         return 0
-    print(f"slimflow: unknown subcommand {command!r}\n{_usage()}", file=sys.stderr)
+    print(f"error: unknown subcommand {command!r}\n\n{_usage()}", file=sys.stderr)
     return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `slimflow ARGV` and return the exit status (0, or 2 for a user error; defects raise)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0", "false")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return _dispatch(argv)
+    except SystemExit as exit_:  # the parsers' own exits (--help, usage errors) become return values
+        code = exit_.code
+        return code if isinstance(code, int) else (0 if code is None else 2)
+    except Exception as error:  # noqa: BLE001 - classify, then re-raise defects unchanged
+        from slimflow.errors import user_error_in
+
+        user_error = user_error_in(error)
+        if user_error is None:
+            raise
+        if debug:
+            traceback.print_exception(error)
+        print(f"error: {user_error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-import logging
+import shutil
 import time
+import uuid
 from pathlib import Path
 
 import yaml
 
+from slimflow.errors import InvalidValueError, OutputExistsError
 
-def prune(
+
+def prune_command(
     *,
     model: str,
     calibration: str,
@@ -75,35 +79,52 @@ def prune(
 
     import torch
 
+    from slimflow.algorithms.schedules import ADAPTIVE, SCHEDULES, ScheduleError
     from slimflow.api import plan
     from slimflow.api import prune as run_prune
     from slimflow.checkpoint import save_pruned
-    from slimflow.data.calibration import calibration_ids
+    from slimflow.data.calibration import calibration_ids, check_calibration_options
+    from slimflow.errors import require_existing
     from slimflow.methods import get_method
     from slimflow.methods.common import check_schedule
-    from slimflow.models import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from slimflow.models import check_model_source, load_model, load_tokenizer, resolve_device, resolve_dtype
+    from slimflow.models import source_dtype
     from slimflow.reporting import plot_widths
     from slimflow.streaming import check_streamable, should_stream, streaming_checkpoint
 
+    # every option is checked before any work: nothing is loaded until all of them are usable
     out = Path(output)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output directory {out} already exists: choose another --output or pass --overwrite")
+    check_output(out, overwrite, PRUNE_MARKERS, "slimflow prune output")
     if not 0 < ratio < 1:
-        raise ValueError(f"--ratio must be in (0, 1) (the fraction of parameters to remove), got {ratio}")
-    method_kwargs = ({"damp": damp} if method == "slimgpt" else {}) | dict(method_kwargs or {})
-    # unknown method or a schedule the method refuses: fail before loading anything
-    pruner = get_method(method, **method_kwargs)
-    planned_schedule = check_schedule(pruner, schedule) or "uniform"
-    start = time.perf_counter()
+        raise InvalidValueError(f"--ratio must be in (0, 1) (the fraction of parameters to remove), got {ratio}")
     dev = resolve_device(device)
     compute_dtype = resolve_dtype(dtype, dev)
-    target_dtype = compute_dtype if save_dtype == "auto" else resolve_dtype(save_dtype, dev)
+    if save_dtype != "auto":
+        resolve_dtype(save_dtype, dev)
+    if batch_size < 1:
+        raise InvalidValueError(f"--batch-size must be ≥ 1, got {batch_size}")
+    check_calibration_options(num_samples, seqlen, sampling, skip_tokens)
+    if schedule is not None and schedule not in (ADAPTIVE, *SCHEDULES):
+        raise ScheduleError(f"unknown schedule {schedule!r}; choose one of {', '.join((ADAPTIVE, *SCHEDULES))}")
+    method_kwargs = ({"damp": damp} if method == "slimgpt" else {}) | dict(method_kwargs or {})
+    # unknown method, bad method option or a schedule the method refuses
+    pruner = get_method(method, **method_kwargs)
+    planned_schedule = check_schedule(pruner, schedule) or "uniform"
+    check_model_source(model, prunable=True)
+    require_existing(calibration, "calibration text")
+    max_pos = _max_positions(model)
+    if max_pos and seqlen > max_pos:
+        raise InvalidValueError(f"--seqlen {seqlen} exceeds the model's {max_pos} positions: use --seqlen {max_pos} "
+                                "or less")
+    target_dtype = source_dtype(model) if save_dtype == "auto" else resolve_dtype(save_dtype, dev)
     stream = should_stream(model, compute_dtype) if streaming is None else streaming
     if stream:
         if not Path(model).is_dir():
-            raise ValueError(f"--streaming reads a local model directory, but {model!r} is not one: download the "
-                             "model first or pass --streaming false")
+            raise InvalidValueError(f"--streaming reads a local model directory, but {model!r} is not one: download "
+                                    "the model first or pass --streaming false")
         check_streamable(pruner)
+
+    start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if stream:
             session = stack.enter_context(streaming_checkpoint(model, out, compute_dtype, target_dtype, overwrite))
@@ -113,10 +134,6 @@ def prune(
         tokenizer = load_tokenizer(model)
         plan(net, ratio, planned_schedule, spread=spread, max_layer_ratio=max_layer_ratio,
              channel_multiple=channel_multiple)
-        max_pos = getattr(net.config, "max_position_embeddings", None)
-        if max_pos and seqlen > max_pos:
-            raise ValueError(f"--seqlen {seqlen} exceeds the model's {max_pos} positions: use --seqlen {max_pos} or less")
-        logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
         ids = calibration_ids(calibration, tokenizer, num_samples, seqlen, seed, sampling, skip_tokens)
         if not stream and dev.type == "cuda" and torch.cuda.get_device_properties(dev).total_memory > 2 * sum(
                 p.numel() * p.element_size() for p in net.parameters()):
@@ -129,18 +146,69 @@ def prune(
         info["calibration"] = {"source": calibration, "sampling": sampling, "seed": seed, "skip_tokens": skip_tokens}
         info["source_model"] = model
         info["streaming"] = bool(stream)
+        info["save_dtype"] = str(target_dtype).removeprefix("torch.")
         info["total_wall_time_s"] = round(time.perf_counter() - start, 3)
+
+        def extras(directory: Path) -> None:  # inside the atomic rename: a final-named output is always complete
+            (directory / "pruning_report.md").write_text(report.to_markdown())
+            plot_widths(info, directory / "widths.png")
+            (directory / "slimflow_prune.yaml").write_text(yaml.safe_dump({"prune": arguments}, sort_keys=False))
+
         if stream:
             session.finish(tokenizer, info)
+            extras(session.directory)  # the streaming block renames its directory into place when it closes
         else:
             net.to(device="cpu", dtype=target_dtype)
-            save_pruned(net, out, tokenizer=tokenizer, report=info, overwrite=overwrite)
-    (out / "pruning_report.md").write_text(report.to_markdown())
-    plot_widths(info, out / "widths.png")
-    (out / "slimflow_prune.yaml").write_text(yaml.safe_dump({"prune": arguments}, sort_keys=False))
+            save_pruned(net, out, tokenizer=tokenizer, report=info, overwrite=overwrite, extras=extras)
     print(report.to_markdown())
     print(f"saved pruned model to {out} ({info['total_wall_time_s']:.1f} s)")
     return {"output": str(out), "params_before": report.params_before, "params_after": report.params_after}
+
+
+prune = prune_command  # the CLI loads `prune_command`: a lookup of `slimflow.prune` would import torch
+
+
+# files that mark a directory as an output of `prune` / `compare` (only such directories may be overwritten)
+PRUNE_MARKERS = ("pruning.json", "config.json")
+COMPARE_MARKERS = ("comparison.json",)
+
+
+def check_output(out: Path, overwrite: bool, markers: tuple[str, ...], kind: str) -> None:
+    """Refuse an existing output unless `overwrite`, and even then one that is not an earlier `kind`."""
+    if not out.exists():
+        return
+    if not overwrite:
+        raise OutputExistsError(f"output directory {out} already exists: choose another --output or pass "
+                                "--overwrite to replace it")
+    if out.is_dir() and (not any(out.iterdir()) or all((out / m).is_file() for m in markers)):
+        return
+    raise OutputExistsError(f"--overwrite refuses to replace {out}: it is not a {kind} (no "
+                            f"{' / '.join(markers)}). Choose another --output, or delete it yourself")
+
+
+@contextlib.contextmanager
+def staged_directory(out: Path):
+    """Write into a hidden sibling of `out` and rename it to `out` at the end (replacing an old `out` then)."""
+    from slimflow.checkpoint import replace_directory
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        yield staging
+        replace_directory(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _max_positions(model: str) -> int | None:
+    config = Path(model).expanduser() / "config.json"
+    if config.is_file():
+        return json.loads(config.read_text()).get("max_position_embeddings")
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", None)
 
 
 def compare(
@@ -191,24 +259,33 @@ def compare(
         progress: show progress bars.
     """
     arguments = dict(locals())
-    import torch
-
     from slimflow.api import prune as run_prune
-    from slimflow.data.calibration import calibration_ids
-    from slimflow.evaluation.perplexity import evaluate_perplexity
+    from slimflow.data.calibration import calibration_ids, check_calibration_options
+    from slimflow.errors import require_existing
+    from slimflow.evaluation.perplexity import PRESETS, evaluate_perplexity, parse_spec
     from slimflow.methods import get_method
-    from slimflow.models import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from slimflow.models import check_model_source, load_model, load_tokenizer, resolve_device, resolve_dtype
 
     out = Path(output)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output directory {out} already exists: choose another --output or pass --overwrite")
+    check_output(out, overwrite, COMPARE_MARKERS, "slimflow compare output")
     options = method_options or {}
+    unknown = sorted(set(options) - set(methods))
+    if unknown:
+        raise InvalidValueError(f"--method-options names {', '.join(unknown)}, which --methods does not list")
     for name in methods:
         get_method(name, **options.get(name, {}))  # unknown method or option: fail before any work
+    if not ratios or any(not 0 < r < 1 for r in ratios):
+        raise InvalidValueError(f"--ratios must be fractions in (0, 1), got {ratios}")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    check_calibration_options(num_samples, seqlen, sampling)
+    for spec in perplexity:
+        name = parse_spec(spec)[0]
+        if name not in PRESETS:
+            require_existing(name, "perplexity text")
+    check_model_source(model, prunable=True)
+    require_existing(calibration, "calibration text")
     tokenizer = load_tokenizer(model)
-    logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
     ids = calibration_ids(calibration, tokenizer, num_samples, seqlen, seed, sampling)
     cache: dict = {}
 
@@ -234,11 +311,12 @@ def compare(
                          "ppl": evaluate(net), "widths": [w.to_dict() for w in report.widths]})
             print(f"{name} @ {ratio}: {rows[-1]['ppl']} ({seconds:.0f} s)", flush=True)
             del net
-    out.mkdir(parents=True, exist_ok=True)
     table = _comparison_table(rows, perplexity)
-    (out / "comparison.md").write_text(table)
-    (out / "comparison.json").write_text(json.dumps({"arguments": arguments, "rows": rows}, indent=2, default=str))
-    _comparison_plot(rows, perplexity, ratios, out / "comparison.png")
+    with staged_directory(out) as staging:
+        (staging / "comparison.md").write_text(table)
+        (staging / "comparison.json").write_text(json.dumps({"arguments": arguments, "rows": rows}, indent=2,
+                                                            default=str))
+        _comparison_plot(rows, perplexity, ratios, staging / "comparison.png")
     print(table)
     return {"output": str(out), "rows": len(rows)}
 

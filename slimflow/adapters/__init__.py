@@ -10,13 +10,14 @@ from slimflow.adapters.llama import LLAMA
 from slimflow.adapters.mistral import MISTRAL
 from slimflow.adapters.phi3 import PHI3
 from slimflow.adapters.qwen2 import QWEN2
+from slimflow.errors import SlimflowUserError
 
 _ADAPTERS: tuple[ModelAdapter, ...] = (LLAMA, MISTRAL, QWEN2, GEMMA2, PHI3)
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for a in _ADAPTERS for t in a.model_types)
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(SlimflowUserError, ValueError):
     pass
 
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from slimflow.errors import SlimflowUserError
+
 SCHEDULES = ("uniform", "linear", "log_increase")
 ADAPTIVE = "adaptive"  # widths from measured costs: slimflow.allocation
 
 
-class ScheduleError(ValueError):
+class ScheduleError(SlimflowUserError, ValueError):
     pass
 
 

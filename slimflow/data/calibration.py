@@ -2,13 +2,51 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from slimflow.data.text import DataSourceError, read_texts
 
+# random windows may reuse each token of the text this many times on average before the request is refused
+MAX_REPEATS = 16
+
 
 class CalibrationError(DataSourceError):
     pass
+
+
+class CalibrationRepeatWarning(UserWarning):
+    """The calibration windows overlap: the text has fewer tokens than `num_samples × seqlen`."""
+
+
+def check_calibration_options(num_samples: int, seqlen: int, sampling: str, skip_tokens: int = 0) -> None:
+    """The sampling options alone (no data read): fails with the option to fix."""
+    if num_samples < 1 or seqlen < 2:
+        raise CalibrationError(f"need --num-samples ≥ 1 and --seqlen ≥ 2, got {num_samples} and {seqlen}")
+    if sampling not in ("random", "tail"):
+        raise CalibrationError(f"--sampling must be 'random' or 'tail', got {sampling!r}")
+    if skip_tokens < 0:
+        raise CalibrationError(f"--skip-tokens must be ≥ 0, got {skip_tokens}")
+
+
+def _check_repeats(source: str, distinct: int, num_samples: int, seqlen: int) -> None:
+    """Random windows from a text of `distinct` tokens: warn when they must overlap, refuse when mostly copies."""
+    requested = num_samples * seqlen
+    if requested <= distinct:
+        return
+    repeats = requested / distinct
+    advice = (f"Use a longer text, fewer samples (--num-samples {max(1, distinct // seqlen)} fits without "
+              f"repeats) or shorter sequences (--seqlen)")
+    if repeats > MAX_REPEATS:
+        raise CalibrationError(
+            f"calibration text {source!r} has {distinct} distinct tokens but {num_samples} × {seqlen} = {requested} "
+            f"are requested: each token would be reused {repeats:.0f} times on average (more than {MAX_REPEATS}), "
+            f"so the calibration statistics would mostly be copies. {advice}.")
+    warnings.warn(
+        f"calibration text {source!r} has {distinct} distinct tokens but {num_samples} × {seqlen} = {requested} "
+        f"are requested, so the random windows overlap (each token reused {repeats:.1f} times on average). "
+        f"{advice}.", CalibrationRepeatWarning, stacklevel=3)
 
 
 def _tail_text(texts: list[str], chars: int) -> str:
@@ -38,10 +76,7 @@ def calibration_ids(
     at seeded random offsets (after `skip_tokens`, e.g. to stay clear of an evaluation prefix); `"tail"` takes
     `num_samples` consecutive windows from the very end of the text.
     """
-    if num_samples < 1 or seqlen < 2:
-        raise CalibrationError(f"need num_samples ≥ 1 and seqlen ≥ 2, got {num_samples} and {seqlen}")
-    if sampling not in ("random", "tail"):
-        raise CalibrationError(f"sampling must be 'random' or 'tail', got {sampling!r}")
+    check_calibration_options(num_samples, seqlen, sampling, skip_tokens)
     texts = [t for t in read_texts(source, split=split, field=field) if t and t.strip()]
     if not texts:
         raise CalibrationError(f"calibration source {source!r} contains no text")
@@ -50,7 +85,7 @@ def calibration_ids(
         chars = needed * 8
         while True:
             text = _tail_text(texts, chars)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
             if len(ids) >= needed + 1 or len(text) < chars:
                 break
             chars *= 2
@@ -61,7 +96,7 @@ def calibration_ids(
         budget = skip_tokens + max(4 * num_samples * seqlen, seqlen)
         ids = []
         for i in order:
-            ids.extend(tokenizer(texts[i] + "\n\n", add_special_tokens=False)["input_ids"])
+            ids.extend(tokenizer(texts[i] + "\n\n", add_special_tokens=False, verbose=False)["input_ids"])
             if len(ids) >= budget:
                 break
         ids = ids[skip_tokens:]
@@ -71,6 +106,8 @@ def calibration_ids(
             f"{num_samples} × {seqlen} {'consecutive ' if sampling == 'tail' else ''}tokens need at least "
             f"{needed}. Use a longer text, fewer samples (--num-samples) or shorter sequences (--seqlen)."
         )
+    if sampling == "random":
+        _check_repeats(source, len(ids), num_samples, seqlen)
     ids = torch.tensor(ids, dtype=torch.long)
     if sampling == "tail":
         return ids[-needed:].reshape(num_samples, seqlen)

@@ -6,6 +6,8 @@ import gzip
 import json
 from pathlib import Path
 
+from slimflow.errors import SlimflowUserError, looks_local
+
 # Short names for common hub corpora: (dataset, config, split, data_files)
 HUB_ALIASES = {
     "c4": ("allenai/c4", None, "train", {"train": "en/c4-train.00000-of-01024.json.gz"}),
@@ -16,7 +18,7 @@ HUB_ALIASES = {
 TEXT_FIELDS = ("text", "content", "sentence", "document")
 
 
-class DataSourceError(ValueError):
+class DataSourceError(SlimflowUserError, ValueError):
     pass
 
 
@@ -38,7 +40,8 @@ def read_local_texts(path: str | Path, field: str | None = None) -> list[str]:
     """Texts of a local .txt / .json / .jsonl file, optionally gzipped (`.txt.gz`, `.jsonl.gz`, ...)."""
     path = Path(path)
     if not path.is_file():
-        raise DataSourceError(f"text file not found: {path}")
+        raise DataSourceError(f"text file not found: {path} (relative paths are resolved from the current "
+                              "directory): check the path")
     stem = path.name[:-3] if path.name.endswith(".gz") else path.name
     with _open(path) as f:
         if stem.endswith(".jsonl"):
@@ -74,8 +77,7 @@ def read_hub_texts(name: str, split: str | None = None, field: str | None = None
 
 
 def read_texts(source: str | Path, split: str | None = None, field: str | None = None) -> list[str]:
-    """A local path if it exists (or looks like one), otherwise a hub dataset name."""
-    path = Path(source)
-    if path.exists() or path.suffix in {".txt", ".gz", ".json", ".jsonl", ".raw"} or str(source).startswith((".", "/")):
-        return read_local_texts(path, field)
+    """A local path if it looks like one (`slimflow.errors.looks_local`), otherwise a hub dataset name."""
+    if looks_local(source):
+        return read_local_texts(Path(source).expanduser(), field)
     return read_hub_texts(str(source), split=split, field=field)

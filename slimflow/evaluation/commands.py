@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from slimflow.evaluation.suite import split_list
+from slimflow.errors import InvalidValueError
 
 
 def eval(  # noqa: A001 - the subcommand is called eval
@@ -46,13 +46,30 @@ def eval(  # noqa: A001 - the subcommand is called eval
         samples: also write this many greedy generation samples (default prompts) next to the output.
         progress: show progress bars.
     """
+    from slimflow.errors import require_existing
     from slimflow.evaluation.generation import DEFAULT_PROMPTS, generate_samples, save_samples
-    from slimflow.models import load_model, load_tokenizer
-    from slimflow.evaluation.suite import evaluate_model
+    from slimflow.evaluation.perplexity import PRESETS, parse_spec
+    from slimflow.evaluation.suite import evaluate_model, split_list
+    from slimflow.evaluation.zeroshot import resolve_tasks
+    from slimflow.models import check_model_source, load_model, load_tokenizer, resolve_device, resolve_dtype
 
     if not model:
-        raise ValueError("give the model to evaluate: slimflow eval --model DIR_OR_HUB_ID")
+        raise InvalidValueError("give the model to evaluate: slimflow eval --model DIR_OR_HUB_ID")
     ppl, tasks = split_list(ppl), split_list(tasks)
+    # every option is checked before the model loads
+    for spec in ppl:
+        name = parse_spec(spec)[0]
+        if name not in PRESETS:
+            require_existing(name, "perplexity text")
+    resolve_tasks(tasks, task_source, data_dir)
+    resolve_dtype(dtype, resolve_device(device))
+    for option, value in (("--batch-size", batch_size), ("--limit", limit), ("--max-windows", max_windows),
+                          ("--max-tokens", max_tokens)):
+        if value is not None and value < 1:
+            raise InvalidValueError(f"{option} must be ≥ 1, got {value}")
+    if samples < 0:
+        raise InvalidValueError(f"--samples must be ≥ 0, got {samples}")
+    check_model_source(model)
     lm, tokenizer = load_model(model, dtype=dtype, device=device).eval(), load_tokenizer(model)
     metrics = evaluate_model(lm, tokenizer, ppl=ppl, tasks=tasks, limit=limit, batch_size=batch_size,
                              max_windows=max_windows, max_tokens=max_tokens, task_source=task_source,
@@ -89,15 +106,16 @@ def summary(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def report(runs: list[str], output: str = "report") -> dict:
-    """Compare evaluated runs: a markdown table and PNG plots.
+def report(runs: list[str] | str, output: str = "report") -> dict:
+    """Compare evaluated runs: a markdown table and PNG plots (`slimflow report RUN_DIR [RUN_DIR ...]`).
 
     Args:
-        runs: run or model directories, each with metrics.json (from slimflow eval) and optionally pruning.json
-            (params_before, params_after, per-layer widths under layers).
+        runs: run or model directories (several, or comma-separated), each with metrics.json (from slimflow eval
+            or slimflow fit) and optionally pruning.json (params_before, params_after, per-layer widths).
         output: directory for report.md, perplexity_vs_ratio.png and layer_widths.png.
     """
     from slimflow.evaluation.report import write_report
+    from slimflow.evaluation.suite import split_list
 
     written = write_report(split_list(runs), output)
     print(f"wrote {written['report']}")

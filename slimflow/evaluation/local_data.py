@@ -16,6 +16,7 @@ from pathlib import Path
 import datasets
 
 from slimflow.evaluation.paths import find_data_file, searched_locations
+from slimflow.errors import InvalidValueError, MissingInputError
 
 # bundled task -> (standard lm-eval task, file inside the data directory, split name)
 LOCAL_TASKS = {
@@ -50,11 +51,11 @@ def piqa_records(path) -> list[dict]:
     """`valid.jsonl` + the aligned `valid-labels.lst` -> `{goal, sol1, sol2, label}` (the Hub schema already)."""
     labels_path = Path(path).with_name("valid-labels.lst")
     if not labels_path.is_file():
-        raise FileNotFoundError(f"PIQA labels file {labels_path} is missing (it must sit next to {path})")
+        raise MissingInputError(f"PIQA labels file {labels_path} is missing (it must sit next to {path})")
     labels = [int(line) for line in labels_path.read_text().split()]
     records = read_jsonl(path)
     if len(labels) != len(records):
-        raise ValueError(f"{path} has {len(records)} records but {labels_path} has {len(labels)} labels")
+        raise InvalidValueError(f"{path} has {len(records)} records but {labels_path} has {len(labels)} labels")
     return [{"goal": r["goal"], "sol1": r["sol1"], "sol2": r["sol2"], "label": y} for r, y in zip(records, labels)]
 
 
@@ -168,7 +169,7 @@ def load_local_task(task: str, data_dir=None) -> datasets.DatasetDict:
     relative, split = LOCAL_TASKS[task]
     path = find_data_file(relative, data_dir)
     if path is None:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"local data for task {task!r} not found; looked for {searched_locations(relative, data_dir)}. "
             f"Pass --data-dir (or set SLIMFLOW_DATA) to the folder holding {relative}, or use the hub task."
         )

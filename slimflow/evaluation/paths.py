@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from slimflow.errors import MissingInputError
 
 DATA_ENV = "SLIMFLOW_DATA"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -27,7 +28,7 @@ def candidate_data_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
     """The first existing data directory, or None. An explicit `data_dir` that does not exist is an error."""
     if data_dir and not Path(data_dir).expanduser().is_dir():
-        raise FileNotFoundError(f"data directory {data_dir} does not exist; fix --data-dir or unset it")
+        raise MissingInputError(f"data directory {data_dir} does not exist; fix --data-dir or unset it")
     for path in candidate_data_dirs(data_dir):
         if path.is_dir():
             return path.resolve()
@@ -37,7 +38,7 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
 def find_data_file(relative: str, data_dir: str | os.PathLike | None = None) -> Path | None:
     """`relative` (e.g. `piqa/valid.jsonl`) inside the first data directory that has it, or None."""
     if data_dir and not Path(data_dir).expanduser().is_dir():
-        raise FileNotFoundError(f"data directory {data_dir} does not exist; fix --data-dir or unset it")
+        raise MissingInputError(f"data directory {data_dir} does not exist; fix --data-dir or unset it")
     for base in candidate_data_dirs(data_dir):
         if (base / relative).is_file():
             return (base / relative).resolve()

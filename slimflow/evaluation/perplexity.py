@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from slimflow.evaluation.paths import find_data_file, searched_locations
+from slimflow.errors import InvalidValueError, MissingInputError
 
 WIKITEXT2_LOCAL = "wikitext2/wiki.test.raw"
 C4_LOCAL = "c4_sample/c4-sample.00000-of-00001.json.gz"
@@ -69,7 +70,7 @@ def parse_spec(spec: str) -> tuple[str, int, int | None]:
         max_tokens = int(parts.pop())
     name, window = ":".join(parts[:-1]), parts[-1]
     if len(parts) < 2 or not name or not window.isdigit() or int(window) < 2:
-        raise ValueError(
+        raise InvalidValueError(
             f"perplexity spec {spec!r} must be NAME:WINDOW[:MAX_TOKENS] with WINDOW >= 2, e.g. wikitext2:128, "
             f"wikitext2:2048, c4:128, ptb:128 or path/to/text.txt.gz:128:400000"
         )
@@ -90,11 +91,11 @@ def _hub_available() -> bool:
 
 def _load_hub(what: str, loader):
     if not _hub_available():
-        raise FileNotFoundError(f"{what}: no local copy found and the Hub is switched off (HF_*_OFFLINE=1)")
+        raise MissingInputError(f"{what}: no local copy found and the Hub is switched off (HF_*_OFFLINE=1)")
     try:
         return loader()
     except Exception as err:  # no network, dataset moved, ...: say what to do instead
-        raise FileNotFoundError(f"{what}: no local copy found and loading from the Hub failed ({err})") from err
+        raise MissingInputError(f"{what}: no local copy found and loading from the Hub failed ({err})") from err
 
 
 def load_texts(name: str, data_dir=None) -> tuple[list[str], str]:
@@ -150,7 +151,7 @@ def load_texts(name: str, data_dir=None) -> tuple[list[str], str]:
         )
     path = Path(name).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"perplexity data {name!r} is neither a preset ({', '.join(PRESETS)}) nor an existing file; "
             f"give NAME:WINDOW with a preset name or a path to a .txt/.gz/.json/.jsonl file"
         )
@@ -176,7 +177,7 @@ def read_text_file(path: str | os.PathLike) -> list[str]:
         items = [json.loads(line) for line in content.splitlines() if line.strip()]
     texts = [item if isinstance(item, str) else item.get("text") for item in items]
     if any(t is None for t in texts):
-        raise ValueError(f"{path}: every JSON record must be a string or have a 'text' field")
+        raise InvalidValueError(f"{path}: every JSON record must be a string or have a 'text' field")
     return texts
 
 
@@ -193,7 +194,7 @@ def model_context_length(model) -> int | None:
 def check_window(model, window: int, name: str = "wikitext2") -> None:
     context = model_context_length(model)
     if context is not None and window > context:
-        raise ValueError(
+        raise InvalidValueError(
             f"perplexity window {window} is longer than the model's context of {context} tokens; "
             f"use a window <= {context}, e.g. {name}:128"
         )
@@ -234,7 +235,7 @@ def perplexity_of_ids(model, ids: torch.Tensor, window: int, batch_size: int = 8
     if max_windows is not None:
         num_windows = min(num_windows, max_windows)
     if num_windows == 0:
-        raise ValueError(f"text has {len(ids)} tokens, fewer than one window of {window}")
+        raise InvalidValueError(f"text has {len(ids)} tokens, fewer than one window of {window}")
     windows = ids[: num_windows * window].view(num_windows, window)
     sums = window_nll_sums(model, windows, batch_size=batch_size, device=device, progress=progress, desc=desc)
     num_tokens = num_windows * (window - 1)

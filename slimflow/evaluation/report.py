@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from slimflow.errors import InvalidValueError, MissingInputError
 
 WIDTH_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
 
@@ -54,7 +55,7 @@ def load_run(path: str | Path) -> Run:
     folder = path.parent if path.is_file() else path
     metrics = _read_json(path if path.is_file() else folder / "metrics.json")
     if metrics is None:
-        raise FileNotFoundError(f"{folder}/metrics.json not found; run `slimflow eval --output {folder}/metrics.json` first")
+        raise MissingInputError(f"{folder}/metrics.json not found; run `slimflow eval --output {folder}/metrics.json` first")
     pruning = _read_json(folder / "pruning.json") or {}
     config = _read_json(folder / "config.json") or {}
     layers = _layer_widths(pruning.get("layers") or pruning.get("layer_widths") or pruning.get("widths"))
@@ -171,7 +172,7 @@ def write_report(run_paths: list[str], output: str | Path) -> dict:
     """Write `report.md`, `perplexity_vs_ratio.png` and `layer_widths.png` into `output`; returns the paths."""
     runs = [load_run(p) for p in run_paths]
     if not runs:
-        raise ValueError("give at least one run directory")
+        raise InvalidValueError("give at least one run directory")
     _fill_ratios(runs)
     runs.sort(key=lambda r: (r.ratio if r.ratio is not None else 0.0, r.name))
     output = Path(output)

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from slimflow.evaluation.local_data import LOCAL_TASKS, local_file
+from slimflow.errors import InvalidValueError, MissingInputError
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 BUNDLED_PREFIX = "slimflow_"
@@ -64,11 +65,11 @@ def all_lm_eval_task_names() -> tuple[str, ...]:
     return tuple(TaskManager().all_tasks)
 
 
-def unknown_task_error(name: str) -> ValueError:
+def unknown_task_error(name: str) -> InvalidValueError:
     known = sorted(set(all_lm_eval_task_names()) | set(LOCAL_TASKS) | {BUNDLED_PREFIX + t for t in LOCAL_TASKS})
     close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    return ValueError(
+    return InvalidValueError(
         f"unknown task {name!r}.{hint} Bundled offline tasks: {', '.join(LOCAL_TASKS)} "
         f"(or with the prefix {BUNDLED_PREFIX}); any lm-eval task name works where the Hub is reachable."
     )
@@ -76,7 +77,7 @@ def unknown_task_error(name: str) -> ValueError:
 
 def resolve_task(name: str, task_source: str = "auto", data_dir=None) -> TaskChoice:
     if task_source not in TASK_SOURCES:
-        raise ValueError(f"task_source must be one of {TASK_SOURCES}, not {task_source!r}")
+        raise InvalidValueError(f"task_source must be one of {TASK_SOURCES}, not {task_source!r}")
     name = name.strip()
     bundled = name.removeprefix(BUNDLED_PREFIX)
     if bundled in LOCAL_TASKS:
@@ -86,7 +87,7 @@ def resolve_task(name: str, task_source: str = "auto", data_dir=None) -> TaskCho
             if path is None:
                 from slimflow.evaluation.paths import searched_locations
 
-                raise FileNotFoundError(
+                raise MissingInputError(
                     f"local data for task {bundled!r} not found (looked for "
                     f"{searched_locations(LOCAL_TASKS[bundled][0], data_dir)}); pass --data-dir / set SLIMFLOW_DATA "
                     f"to the shared data folder, or run the standard task with --task-source hub"

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from slimflow.errors import looks_local, require_existing
+
 
 def get_model(pl_module: LightningModule, attr: str = "model"):
     """The Hugging Face model at `attr` (dotted) of `pl_module`, loading it via `configure_model()` if None."""
@@ -82,17 +84,8 @@ def run_dir(trainer: Trainer, dirpath: str | None = None) -> Path:
     return path
 
 
-def is_local_path(source: str) -> bool:
-    """Whether `source` names a local file or directory rather than a hub id (`org/name`)."""
-    return os.path.exists(source) or source.startswith((".", "/", "~")) or Path(source).suffix in {
-        ".json", ".jsonl", ".txt", ".gz", ".raw", ".safetensors",
-    }
-
-
-def require_local(source: str | None, what: str) -> None:
-    """Fail now, before anything expensive, if `source` looks like a local path that does not exist."""
-    if source and is_local_path(source) and not os.path.exists(os.path.expanduser(source)):
-        raise FileNotFoundError(f"{what} {source!r} does not exist (paths are relative to {os.getcwd()})")
+is_local_path = looks_local  # one rule for paths versus hub ids, in slimflow.errors
+require_local = require_existing
 
 
 def resume_checkpoint(trainer: Trainer) -> dict | None:

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from slimflow.lightning.logs import fit_summary
 from slimflow.lightning.module import CausalLMModule
+from slimflow.errors import MissingInputError
 
 
 class SlimflowCLI(LightningCLI):
@@ -105,7 +106,7 @@ class SlimflowCLI(LightningCLI):
         if ckpt_path == "last" and path is None:
             print(f"slimflow: no last checkpoint under {root}; starting from the beginning")
         if path is not None and not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint {path!r} not found")
+            raise MissingInputError(f"checkpoint {path!r} not found")
         self.trainer.ckpt_path = path
 
     def last_checkpoint(self) -> str | None:
@@ -123,8 +124,12 @@ def lightning_main(argv: list[str] | None = None) -> SlimflowCLI:
     program, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it sees both `args` and sys.argv
     SlimflowCLI.command_line = (program, argv)
     try:
+        # no abbreviated options: `--trainer.max_epoch` is refused like the same typo in a YAML config
+        strict = {"allow_abbrev": False}
         return SlimflowCLI(model_class=CausalLMModule, subclass_mode_model=True, subclass_mode_data=True,
                            save_config_callback=None, seed_everything_default=42, auto_configure_optimizers=False,
+                           parser_kwargs={**strict, "prog": "slimflow",
+                                          **{name: strict for name in SlimflowCLI.subcommands()}},
                            args=argv)
     finally:
         sys.argv = program

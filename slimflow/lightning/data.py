@@ -10,6 +10,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Sampler
 
 from slimflow.lightning.access import is_local_path, require_local
+from slimflow.errors import InvalidValueError
 
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -138,17 +139,17 @@ class InstructionData(LightningDataModule):
         if self.train_set or self.val_set:
             return
         if self.tokenizer_name is None:
-            raise ValueError("InstructionData needs a tokenizer (name or path)")
+            raise InvalidValueError("InstructionData needs a tokenizer (name or path)")
         self.tokenizer = load_tokenizer(self.tokenizer_name)
         records = read_records(self.path, self.split)[: self.limit]
         if self.val_size >= len(records):
-            raise ValueError(f"val_size={self.val_size} leaves no training data out of {len(records)} records")
+            raise InvalidValueError(f"val_size={self.val_size} leaves no training data out of {len(records)} records")
         order = torch.randperm(len(records), generator=torch.Generator().manual_seed(self.seed)).tolist()
         encoded = [self.encode(records[i]) for i in order]
         # an example whose prompt fills cutoff_len has no response token to learn from (its loss would be 0/0)
         encoded = [e for e in encoded if any(label != -100 for label in e["labels"])]
         if len(encoded) <= self.val_size:
-            raise ValueError(f"only {len(encoded)} of {len(records)} examples keep response tokens within "
+            raise InvalidValueError(f"only {len(encoded)} of {len(records)} examples keep response tokens within "
                              f"cutoff_len={self.cutoff_len}: raise cutoff_len or lower val_size")
         self.val_set, self.train_set = encoded[: self.val_size], encoded[self.val_size:]
 

@@ -7,6 +7,7 @@ from torch import nn
 
 from slimflow.lightning.access import SlimflowCallback, get_model, notify, set_model, slimflow_callbacks
 from slimflow.lightning.restore import is_peft, restore_known_checkpoint, save_architecture
+from slimflow.errors import InvalidValueError
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -42,10 +43,10 @@ class LoRARecovery(SlimflowCallback):
         names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
         missing = [t for t in self.target_modules if t not in names]
         if missing:
-            raise ValueError(f"LoRA target_modules {missing} match no Linear module of the model; "
+            raise InvalidValueError(f"LoRA target_modules {missing} match no Linear module of the model; "
                              f"its Linear modules are named {sorted(names)}")
         if self.r < 1:
-            raise ValueError(f"LoRA rank r must be >= 1, got {self.r}")
+            raise InvalidValueError(f"LoRA rank r must be >= 1, got {self.r}")
 
     def lora_config(self):
         from peft import LoraConfig

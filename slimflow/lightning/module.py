@@ -12,6 +12,7 @@ from torchmetrics.text import Perplexity
 
 from slimflow.lightning.access import is_local_path
 from slimflow.lightning.restore import restore_architecture
+from slimflow.errors import InvalidValueError, MissingInputError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -56,9 +57,9 @@ class CausalLMModule(LightningModule):
                  dtype: str = "float32", gradient_checkpointing: bool = False, attn_implementation: str | None = None):
         super().__init__()
         if is_local_path(pretrained) and not os.path.isfile(os.path.join(os.path.expanduser(pretrained), "config.json")):
-            raise FileNotFoundError(f"model directory {pretrained!r} not found (or it has no config.json)")
+            raise MissingInputError(f"model directory {pretrained!r} not found (or it has no config.json)")
         if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+            raise InvalidValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.save_hyperparameters()
         from transformers import AutoTokenizer
 

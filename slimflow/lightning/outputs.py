@@ -12,6 +12,7 @@ from slimflow.lightning.access import (
     SlimflowCallback, base_model, get_model, get_tokenizer, require_local, run_dir, slimflow_callbacks,
 )
 from slimflow.lightning.logs import evaluation_metrics, log_metrics, say
+from slimflow.errors import InvalidValueError
 
 
 def _to_accelerator(trainer: Trainer, model) -> None:
@@ -66,7 +67,7 @@ class Evaluation(SlimflowCallback):
         self.limit, self.batch_size, self.max_windows, self.max_tokens = limit, batch_size, max_windows, max_tokens
         self.dense, self.filename, self.dirpath, self.model_attr = dense, filename, dirpath, model_attr
         if samples < 0 or sample_tokens < 1:
-            raise ValueError(f"samples must be ≥ 0 and sample_tokens ≥ 1, got {samples} and {sample_tokens}")
+            raise InvalidValueError(f"samples must be ≥ 0 and sample_tokens ≥ 1, got {samples} and {sample_tokens}")
         self.samples, self.sample_tokens, self.progress = samples, sample_tokens, progress
         self.results: dict = {"stages": []}
         self._texts: dict = {}

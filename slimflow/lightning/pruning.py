@@ -18,6 +18,7 @@ from slimflow.lightning.data import CalibrationData
 from slimflow.lightning.logs import log_metrics, pruning_metrics, say
 from slimflow.lightning.report import write_pruning_report
 from slimflow.lightning.restore import restore_known_checkpoint, save_architecture
+from slimflow.errors import InvalidValueError
 
 
 @dataclass
@@ -68,7 +69,7 @@ class Calibration(SlimflowCallback):
     def check(self, trainer, pl_module, model) -> None:
         limit = getattr(model.config, "max_position_embeddings", None)
         if limit and self.data.seqlen > limit:
-            raise ValueError(f"Calibration seqlen={self.data.seqlen} exceeds the model's {limit} positions")
+            raise InvalidValueError(f"Calibration seqlen={self.data.seqlen} exceeds the model's {limit} positions")
 
     def ids(self, trainer: Trainer, pl_module: LightningModule, model) -> torch.Tensor:
         ids = self.data.ids(get_tokenizer(trainer, pl_module, model))
@@ -136,33 +137,43 @@ class StructuredPruning(SlimflowCallback):
         self.batch_size, self.device, self.model_attr = batch_size, device, model_attr
         self.dirpath, self.progress = dirpath, progress
         if len(self.at_epochs) != len(self.ratios):
-            raise ValueError(f"{len(self.ratios)} ratios but {len(self.at_epochs)} at_epochs: give one epoch per stage")
+            raise InvalidValueError(f"{len(self.ratios)} ratios but {len(self.at_epochs)} at_epochs: give one epoch per stage")
         if any(not 0 < r < 1 for r in self.ratios) or any(b <= a for a, b in zip(self.ratios, self.ratios[1:])):
-            raise ValueError(f"ratios must increase within (0, 1) (each is cumulative), got {self.ratios}")
+            raise InvalidValueError(f"ratios must increase within (0, 1) (each is cumulative), got {self.ratios}")
         if any(e < 0 for e in self.at_epochs) or any(b <= a for a, b in zip(self.at_epochs, self.at_epochs[1:])):
-            raise ValueError(f"at_epochs must increase from 0 upwards, got {self.at_epochs}")
+            raise InvalidValueError(f"at_epochs must increase from 0 upwards, got {self.at_epochs}")
         self.stage = 0  # prunes done
+        self._check_options()
         self.dense_params: int | None = None
         self.dense_widths: list[list[int]] = []
         self.widths: list[list[int]] = []
         self.reports: list[dict] = []
 
     # ------------------------------------------------------------------------------------------- checks
+    def _check_options(self) -> None:
+        """Method, method options and device are checked when the callback is built, before any work."""
+        from slimflow.methods import get_method
+        from slimflow.models import resolve_device
+
+        get_method(self.method, **(self.method_kwargs or {}))
+        if self.device is not None:
+            resolve_device(self.device)
+
     def check(self, trainer, pl_module, model) -> None:
         from slimflow.api import plan
 
         max_epochs = trainer.max_epochs
         if max_epochs is not None and max_epochs >= 0 and self.at_epochs[-1] >= max_epochs:
-            raise ValueError(f"StructuredPruning prunes at epoch {self.at_epochs[-1]} but training stops after "
+            raise InvalidValueError(f"StructuredPruning prunes at epoch {self.at_epochs[-1]} but training stops after "
                              f"max_epochs={max_epochs}: raise max_epochs or lower at_epochs")
         if len(self.ratios) > 1 and trainer.world_size > 1:
-            raise ValueError(
+            raise InvalidValueError(
                 f"an iterative recipe ({len(self.ratios)} prunes) cannot run on {trainer.world_size} processes: a "
                 "later prune replaces Parameters that DDP's gradient buckets or FSDP's shards were built on in "
                 "strategy.setup, and Lightning cannot re-wrap a model mid-fit. Run it with --trainer.devices 1, "
                 "or chain one-prune runs (each its own `slimflow fit` on the previous export)")
         if not slimflow_callbacks(trainer, Calibration):
-            raise ValueError("StructuredPruning needs a slimflow.lightning.Calibration callback in the Trainer")
+            raise InvalidValueError("StructuredPruning needs a slimflow.lightning.Calibration callback in the Trainer")
         s = self.schedule
         for ratio in self.ratios:  # each stage checked against the dense model, before any calibration work
             plan(model, ratio, s.name, None, s.spread, s.max_layer_ratio, s.channel_multiple)
@@ -272,7 +283,7 @@ class StructuredPruning(SlimflowCallback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         if state_dict.get("ratios", self.ratios)[: state_dict["stage"]] != self.ratios[: state_dict["stage"]]:
-            raise ValueError(f"the checkpoint was pruned with ratios {state_dict['ratios']}, this run asks for "
+            raise InvalidValueError(f"the checkpoint was pruned with ratios {state_dict['ratios']}, this run asks for "
                              f"{self.ratios}: start a new run directory instead of resuming")
         self.stage = state_dict["stage"]
         self.dense_params = state_dict["dense_params"]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
 
 from slimflow.algorithms.hessian import HessianAccumulator
 from slimflow.distributed import DataParallel
+from slimflow.errors import InvalidValueError
 
 
 @dataclass
@@ -99,5 +101,21 @@ def get_method(name: str | PruningMethod, **kwargs) -> PruningMethod:
     if isinstance(name, PruningMethod):
         return name
     if name not in _REGISTRY:
-        raise ValueError(f"unknown pruning method {name!r}; available: {', '.join(available_methods())}")
-    return _REGISTRY[name](**kwargs)
+        raise InvalidValueError(f"unknown pruning method {name!r}; available: {', '.join(available_methods())}")
+    cls = _REGISTRY[name]
+    valid = method_options(cls)
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        listed = ", ".join(f"{k}={v!r}" for k, v in valid.items()) or "none"
+        raise InvalidValueError(f"method {name!r} has no option {', '.join(map(repr, unknown))}; its options "
+                                f"(with defaults) are: {listed}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:  # a value the method refuses, e.g. shots=0
+        raise InvalidValueError(f"method {name!r}: {err}") from err
+
+
+def method_options(cls: type[PruningMethod]) -> dict:
+    """The keyword options of a method class and their defaults."""
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    return {p.name: p.default for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}

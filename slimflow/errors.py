@@ -1,0 +1,71 @@
+"""User errors: problems with what was asked for (a value, a path, a model), as opposed to defects in slimflow.
+
+Every user error derives from `SlimflowUserError`; the `slimflow` command prints such an error as one line
+`error: ...` (the message names the fix) and exits with status 2, while any other exception keeps its
+traceback. The concrete classes also derive from the built-in exception a Python caller would expect
+(`ValueError`, `FileNotFoundError`, `FileExistsError`), so `except ValueError` keeps working.
+
+Local paths and hub ids share one rule, `looks_local`: whatever looks like a path is never looked up on the hub.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEBUG_ENV = "SLIMFLOW_DEBUG"
+
+# suffixes of local data and weight files: `wiki.txt` is a file, never a hub id
+LOCAL_SUFFIXES = frozenset({".txt", ".gz", ".json", ".jsonl", ".raw", ".safetensors", ".yaml", ".yml", ".ckpt"})
+
+
+class SlimflowUserError(Exception):
+    """Base of every error caused by the user's input; the message says what to change."""
+
+
+class InvalidValueError(SlimflowUserError, ValueError):
+    """An option has a value slimflow cannot use (out of range, unknown name, impossible combination)."""
+
+
+class MissingInputError(SlimflowUserError, FileNotFoundError):
+    """A file or directory the user named does not exist (or lacks a required file)."""
+
+
+class OutputExistsError(SlimflowUserError, FileExistsError):
+    """The output already exists and may not be replaced."""
+
+
+def looks_local(source: str | os.PathLike) -> bool:
+    """Whether `source` names a local file or directory rather than a hub id (`org/name`, `c4`).
+
+    Local: anything that exists; anything starting with `.`, `/` or `~`; a deeper path (`a/b/c`: hub ids have
+    exactly one `/`) or a Windows-style one; `dir/name` where `dir` is a local directory; a name with a data or
+    weights suffix (`text.txt.gz`).
+    """
+    text = os.fspath(source)
+    return (
+        os.path.exists(os.path.expanduser(text))
+        or text.startswith((".", "/", "~", "\\"))
+        or text.count("/") > 1
+        or "\\" in text
+        or (text.count("/") == 1 and os.path.isdir(text.split("/")[0]))
+        or Path(text).suffix.lower() in LOCAL_SUFFIXES
+    )
+
+
+def require_existing(source: str | os.PathLike | None, what: str) -> None:
+    """Fail now, before anything expensive, if `source` looks local but does not exist."""
+    if source and looks_local(source) and not os.path.exists(os.path.expanduser(os.fspath(source))):
+        raise MissingInputError(f"{what} {os.fspath(source)!r} does not exist (relative paths are resolved from "
+                                f"{os.getcwd()}): check the path")
+
+
+def user_error_in(error: BaseException) -> SlimflowUserError | None:
+    """The `SlimflowUserError` that `error` is or was raised from (frameworks wrap errors of user classes)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, SlimflowUserError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
