@@ -158,6 +158,13 @@ def test_iterative_recipe_per_stage_parameter_counts(assets, tmp_path):  # noqa:
     assert (run / "config.yaml").is_file() and (run / "pruning_widths.png").is_file()
     assert any((run / "logs").rglob("metrics.csv")) and (run / "checkpoints" / "last.ckpt").is_file()
     assert "35.00%" in (run / "pruning_report.md").read_text()
+    # `slimflow report` reads the fit run directory: the realised fraction of the last stage, its widths
+    assert pruning["params_before"] == dense and pruning["params_after"] == counts[1]
+    assert slimflow_main(["report", str(run), "--output", str(tmp_path / "report")]) == 0
+    row = next(line for line in (tmp_path / "report" / "report.md").read_text().splitlines()
+               if line.startswith("| iterative |"))
+    assert f"| {100 * (1 - counts[1] / dense):.1f}% |" in row
+    assert (tmp_path / "report" / "layer_widths.png").is_file()
 
 
 def test_validate_rebuilds_pruned_model_from_checkpoint(assets, tmp_path):  # noqa: F811

@@ -2,7 +2,8 @@
 
 A run is a directory (or a `metrics.json` file). What is read, all optional except `metrics.json`:
 - `metrics.json`: the dict `evaluate_model` returns (`perplexity`, `tasks`, `average`, `model.parameters`).
-- `pruning.json`: `params_before`, `params_after` (ints); `ratio` / `target_ratio` / `pruning_ratio` (float);
+- `pruning.json` (as `slimflow prune` and `slimflow fit` write it): `params_before`, `params_after` (ints);
+  `realised_fraction` / `ratio` / `target_ratio` / `pruning_ratio` (float);
   per-layer widths under `layers` (or `layer_widths` / `widths`): a list with one entry per layer, each either a
   dict with `num_attention_heads`, `num_key_value_heads`, `intermediate_size` (possibly nested under `widths`)
   or a list `[num_attention_heads, num_key_value_heads, intermediate_size]`.
@@ -57,6 +58,10 @@ def load_run(path: str | Path) -> Run:
     if metrics is None:
         raise MissingInputError(f"{folder}/metrics.json not found; run `slimflow eval --output {folder}/metrics.json` first")
     pruning = _read_json(folder / "pruning.json") or {}
+    if pruning.get("dense_params") and pruning.get("reports") and not pruning.get("params_after"):
+        # a `slimflow fit` run written before pruning.json carried the `slimflow prune` keys
+        pruning = {**pruning, "params_before": pruning["dense_params"],
+                   "params_after": pruning["reports"][-1]["params_after"]}
     config = _read_json(folder / "config.json") or {}
     layers = _layer_widths(pruning.get("layers") or pruning.get("layer_widths") or pruning.get("widths"))
     if not layers:
@@ -70,7 +75,8 @@ def load_run(path: str | Path) -> Run:
     if pruning.get("params_before") and pruning.get("params_after"):
         ratio = 1 - pruning["params_after"] / pruning["params_before"]
     else:
-        ratio = next((pruning[k] for k in ("ratio", "target_ratio", "pruning_ratio") if k in pruning), None)
+        ratio = next((pruning[k] for k in ("realised_fraction", "ratio", "target_ratio", "pruning_ratio")
+                      if pruning.get(k) is not None), None)
     return Run(folder.name, folder, metrics, pruning, layers, parameters, ratio)
 
 

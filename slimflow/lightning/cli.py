@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from slimflow.lightning.logs import fit_summary
 from slimflow.lightning.module import CausalLMModule
-from slimflow.errors import MissingInputError
+from slimflow.errors import InvalidValueError, MissingInputError, user_error_in
 
 
 class SlimflowCLI(LightningCLI):
@@ -57,9 +58,8 @@ class SlimflowCLI(LightningCLI):
     # Subcommands: the resume checkpoint must be known in the callbacks' `setup`, which Lightning runs before it
     # resolves `fit(ckpt_path=...)`, so the path is resolved here and assigned to `trainer.ckpt_path`.
     def fit(self, model, datamodule=None, ckpt_path=None, **kwargs):
-        self._prepare("config.yaml", ckpt_path)
         started = time.perf_counter()
-        with self._launchable():
+        with self._run("config.yaml", ckpt_path), self._launchable():
             self.trainer.fit(model, datamodule=datamodule, **kwargs)
         if self.trainer.is_global_zero:
             print(fit_summary(self.trainer, time.perf_counter() - started), flush=True)
@@ -79,7 +79,7 @@ class SlimflowCLI(LightningCLI):
 
         program, argv = self.command_line
         if _underscore_options(program[1:]) != argv:
-            raise ValueError(f"{self.trainer.world_size} processes are started by re-running the command line, "
+            raise InvalidValueError(f"{self.trainer.world_size} processes are started by re-running the command line, "
                              "and this process was not started as `slimflow fit ...`: run `slimflow fit` as a "
                              "command (or under torchrun), not from Python")
         hidden, sys.argv = sys.argv, program
@@ -89,25 +89,36 @@ class SlimflowCLI(LightningCLI):
             sys.argv = hidden
 
     def validate(self, model, datamodule=None, ckpt_path=None, **kwargs):
-        self._prepare("config_validate.yaml", ckpt_path)
-        self.trainer.validate(model, datamodule=datamodule, **kwargs)
+        with self._run("config_validate.yaml", ckpt_path):
+            self.trainer.validate(model, datamodule=datamodule, **kwargs)
 
     def test(self, model, datamodule=None, ckpt_path=None, **kwargs):
-        self._prepare("config_test.yaml", ckpt_path)
-        self.trainer.test(model, datamodule=datamodule, **kwargs)
+        with self._run("config_test.yaml", ckpt_path):
+            self.trainer.test(model, datamodule=datamodule, **kwargs)
 
-    def _prepare(self, config_name: str, ckpt_path: str | None) -> None:
+    @contextlib.contextmanager
+    def _run(self, config_name: str, ckpt_path: str | None):
+        """Resolve the resume checkpoint, save the resolved config, run; a run directory this command created
+        is removed again when a user error stops it before any step or prune (no half-made run directories)."""
         root = Path(self.trainer.default_root_dir)
-        root.mkdir(parents=True, exist_ok=True)
-        if rank_zero_only.rank == 0:  # launched ranks run this too (their rank is known from the environment)
-            self._parser(self.subcommand).save(self.config[self.subcommand], str(root / config_name),
-                                               skip_none=False, overwrite=True)
         path = self.last_checkpoint() if ckpt_path == "last" else ckpt_path
         if ckpt_path == "last" and path is None:
             print(f"slimflow: no last checkpoint under {root}; starting from the beginning")
         if path is not None and not os.path.isfile(path):
-            raise MissingInputError(f"checkpoint {path!r} not found")
+            raise MissingInputError(f"checkpoint {path!r} not found: check --ckpt_path (or pass --ckpt_path last)")
+        created = not root.exists()
+        root.mkdir(parents=True, exist_ok=True)
+        if rank_zero_only.rank == 0:  # launched ranks run this too (their rank is known from the environment)
+            self._parser(self.subcommand).save(self.config[self.subcommand], str(root / config_name),
+                                               skip_none=False, overwrite=True)
         self.trainer.ckpt_path = path
+        try:
+            yield
+        except Exception as error:
+            untouched = self.trainer.global_step == 0 and not (root / "pruning.json").exists()
+            if created and untouched and rank_zero_only.rank == 0 and user_error_in(error) is not None:
+                shutil.rmtree(root, ignore_errors=True)
+            raise
 
     def last_checkpoint(self) -> str | None:
         """The newest `last*.ckpt` in the checkpoint callbacks' directories."""

@@ -268,8 +268,17 @@ class StructuredPruning(SlimflowCallback):
 
     def write_report(self, trainer: Trainer) -> None:
         out = run_dir(trainer, self.dirpath)
-        (out / "pruning.json").write_text(json.dumps(self.state_dict(), indent=2) + "\n")
+        (out / "pruning.json").write_text(json.dumps(self.pruning_record(), indent=2) + "\n")
         write_pruning_report(out, self.dense_params, self.dense_widths, self.reports)
+
+    def pruning_record(self) -> dict:
+        """`pruning.json` of the run: the keys `slimflow prune` writes (`params_before`, `params_after`,
+        `realised_fraction`, `target_fraction`, `layer_widths`) for the latest stage, plus the callback state."""
+        last = self.last_report or {}
+        keys = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+        return {"params_before": self.dense_params, "params_after": last.get("params_after"),
+                "realised_fraction": last.get("realised_fraction"), "target_fraction": last.get("target_fraction"),
+                "layer_widths": [dict(zip(keys, w)) for w in self.widths], **self.state_dict()}
 
     @property
     def last_report(self) -> dict | None:

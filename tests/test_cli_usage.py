@@ -1,0 +1,148 @@
+"""The documented command forms work as documented: `report` argument forms, a bare `--overwrite`, `--save-dtype
+auto`, outputs complete at the atomic rename, no tokenizer length warning, fast and descriptive help."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from slimflow.cli import main
+from tests.tiny_models import tiny_model, tiny_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_usage")
+    tokenizer = tiny_tokenizer()
+    tokenizer.model_max_length = 64  # shorter than the calibration text
+    tiny_model("llama_gqa").save_pretrained(root / "dense")
+    tokenizer.save_pretrained(root / "dense")
+    tiny_model("llama_gqa", dtype=torch.bfloat16).save_pretrained(root / "bf16")
+    tokenizer.save_pretrained(root / "bf16")
+    words = torch.randint(4, 128, (6000,), generator=torch.Generator().manual_seed(0)).tolist()
+    (root / "calib.txt").write_text(" ".join(f"w{i}" for i in words))
+    return root
+
+
+def prune(workdir, output, *extra):
+    return main(["prune", "--model", str(workdir / "dense"), "--calibration", str(workdir / "calib.txt"), "--output",
+                 str(workdir / output), "--num-samples", "8", "--seqlen", "32", "--progress", "false", *extra])
+
+
+def weights_dtype(directory: Path) -> torch.dtype:
+    with safe_open(str(directory / "model.safetensors"), framework="pt") as f:
+        return f.get_tensor(next(k for k in f.keys() if k.endswith("q_proj.weight"))).dtype
+
+
+def test_save_dtype_auto_keeps_a_bf16_source(workdir):
+    out = workdir / "bf16_pruned"
+    assert main(["prune", "--model", str(workdir / "bf16"), "--calibration", str(workdir / "calib.txt"), "--output",
+                 str(out), "--num-samples", "8", "--seqlen", "32", "--progress", "false"]) == 0
+    assert weights_dtype(out) == torch.bfloat16
+    assert json.loads((out / "pruning.json").read_text())["save_dtype"] == "bfloat16"
+    assert prune(workdir, "fp32_pruned") == 0 and weights_dtype(workdir / "fp32_pruned") == torch.float32
+
+
+def test_bare_overwrite_replaces_a_slimflow_output_only(workdir, capsys):
+    assert prune(workdir, "again", "--ratio", "0.2") == 0
+    assert prune(workdir, "again", "--ratio", "0.3", "--overwrite") == 0  # bare flag, as the message suggests
+    assert json.loads((workdir / "again" / "pruning.json").read_text())["settings"]["ratio"] == 0.3
+    assert prune(workdir, "again", "--ratio", "0.25", "--overwrite", "--progress", "false") == 0
+    (workdir / "mine").mkdir()
+    (workdir / "mine" / "notes.txt").write_text("keep me")
+    capsys.readouterr()
+    assert prune(workdir, "mine", "--overwrite") == 2
+    assert "refuses to replace" in capsys.readouterr().err
+    assert (workdir / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_everything_of_a_prune_output_is_inside_the_atomic_rename(workdir, monkeypatch):
+    import slimflow.checkpoint
+
+    seen = {}
+    rename = slimflow.checkpoint.replace_directory
+
+    def killed_after_rename(staging, path):
+        seen["staged"] = sorted(p.name for p in staging.iterdir())
+        rename(staging, path)
+        raise KeyboardInterrupt  # the process dies right after the rename
+
+    monkeypatch.setattr(slimflow.checkpoint, "replace_directory", killed_after_rename)
+    with pytest.raises(KeyboardInterrupt):
+        prune(workdir, "killed")
+    assert {"widths.png", "slimflow_prune.yaml", "pruning_report.md", "pruning.json", "model.safetensors",
+            "config.json"} <= set(seen["staged"])
+    assert set(seen["staged"]) == {p.name for p in (workdir / "killed").iterdir()}
+
+
+def test_no_token_length_warning(workdir, capfd):
+    assert prune(workdir, "quiet") == 0
+    assert "Token indices sequence length" not in capfd.readouterr().err
+
+
+def test_calibration_repeats_warn_with_the_token_count(workdir):
+    from slimflow.data.calibration import CalibrationRepeatWarning, calibration_ids
+
+    with pytest.warns(CalibrationRepeatWarning, match=r"has \d+ distinct tokens but 64 × 256 = 16384"):
+        calibration_ids(str(workdir / "calib.txt"), tiny_tokenizer(), num_samples=64, seqlen=256)
+
+
+def fake_run(folder: Path, params_after: int, ppl: float) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({"model": {"parameters": params_after},
+                                                     "perplexity": {"x:32": {"value": ppl}}, "tasks": {}}))
+    (folder / "pruning.json").write_text(json.dumps({"params_before": 1000, "params_after": params_after}))
+    return folder
+
+
+@pytest.mark.parametrize("form", ["one", "several", "comma", "list"])
+def test_report_accepts_the_documented_forms(tmp_path, monkeypatch, form):
+    monkeypatch.chdir(tmp_path)
+    a, b = fake_run(tmp_path / "a", 800, 12.0), fake_run(tmp_path / "b", 600, 20.0)
+    runs = {"one": ["a"], "several": ["a", "b"], "comma": ["a,b"], "list": ["[a, b]"]}[form]
+    assert main(["report", *runs, "--output", "rep"]) == 0
+    table = (tmp_path / "rep" / "report.md").read_text()
+    assert "| a | 800 | 20.0% | 12.00 |" in table
+    assert ("| b | 600 | 40.0% | 20.00 |" in table) == (form != "one")
+    assert main(["report", "--output", "rep2", *runs]) == 0  # options before the runs
+
+
+def test_report_reads_a_fit_run_written_before_the_key_change(tmp_path, monkeypatch):
+    run = tmp_path / "demo"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"model": {"parameters": 80}, "perplexity": {}, "tasks": {}}))
+    (run / "pruning.json").write_text(json.dumps({"stage": 1, "dense_params": 100, "widths": [[4, 2, 64]],
+                                                  "reports": [{"params_after": 80}]}))
+    assert main(["report", str(run), "--output", str(tmp_path / "rep")]) == 0
+    assert "| demo | 80 | 20.0% |" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_help_lists_what_each_subcommand_does(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in ("prune", "fit", "eval", "report", "compare"):
+        line = next(line for line in out.splitlines() if line.strip().startswith(name + " "))
+        assert len(line.split()) > 4, line
+
+
+def test_function_command_help_does_not_import_torch():
+    """`--help` of prune/eval/report/compare must not pay for torch (seconds on a loaded machine)."""
+    code = ("import sys, contextlib, io\nfrom slimflow.cli import main\n"
+            "for name in ('prune', 'eval', 'report', 'compare'):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            "        assert main([name, '--help']) == 0\n"
+            "    assert name in out.getvalue()\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'lightning') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
