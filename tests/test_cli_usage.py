@@ -84,9 +84,29 @@ def test_everything_of_a_prune_output_is_inside_the_atomic_rename(workdir, monke
     assert set(seen["staged"]) == {p.name for p in (workdir / "killed").iterdir()}
 
 
-def test_no_token_length_warning(workdir, capfd):
-    assert prune(workdir, "quiet") == 0
-    assert "Token indices sequence length" not in capfd.readouterr().err
+def test_no_token_length_warning(workdir):
+    """Calibration (prune, and the Calibration callback of fit) tokenises whole texts on purpose."""
+    import logging
+
+    from slimflow.data.calibration import calibration_ids
+
+    class Record(logging.Handler):
+        messages: list[str] = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    handler = Record()
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        tokenizer = tiny_tokenizer()
+        tokenizer.model_max_length = 64
+        for sampling in ("random", "tail"):
+            calibration_ids(str(workdir / "calib.txt"), tokenizer, num_samples=8, seqlen=32, sampling=sampling)
+        assert prune(workdir, "quiet") == 0
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not [m for m in handler.messages if "Token indices sequence length" in m]
 
 
 def test_calibration_repeats_warn_with_the_token_count(workdir):
