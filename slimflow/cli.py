@@ -1,7 +1,7 @@
 """The one `slimflow` entry point.
 
 `slimflow fit|validate|test ...` is a LightningCLI application (see `slimflow.lightning.cli`).
-`slimflow prune|eval|report|compare ...` are plain functions whose signatures and docstrings are the schema
+`slimflow prune|eval|report|compare|export ...` are plain functions whose signatures and docstrings are the schema
 (jsonargparse), so `--print_config`, `--config` and `--help` work the same way for them.
 Options may be spelled with dashes or underscores (`--num-samples` == `--num_samples`); they are never
 abbreviated (`--trainer.max_epoch` is an error, as in a YAML config). A boolean option given without a value
@@ -39,6 +39,7 @@ SUMMARIES = {
     "eval": "perplexity and zero-shot accuracy of any model directory; writes metrics.json",
     "report": "one table and plots comparing evaluated runs (slimflow report RUN_DIR [RUN_DIR ...])",
     "compare": "prune one model with several methods and ratios, and compare their perplexity",
+    "export": "write a (pruned) model as one GGUF file for llama.cpp, llama-server and Ollama",
 }
 DEBUG_ENV = "SLIMFLOW_DEBUG"  # same name as slimflow.errors.DEBUG_ENV
 BOOL_VALUES = {"true", "false", "yes", "no", "1", "0", "on", "off"}

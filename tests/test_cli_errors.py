@@ -25,6 +25,7 @@ EVAL = ["eval", "--model", "dense", "--ppl", "calib.txt:32", "--max-windows", "2
 COMPARE = ["compare", "--model", "dense", "--calibration", "calib.txt", "--output", "cmp", "--methods", "[magnitude]",
            "--ratios", "[0.2]", "--num-samples", "4", "--seqlen", "32", "--perplexity", "[calib.txt:32]"]
 FIT = ["fit", "--config", "fit.yaml"]
+EXPORT = ["export", "--model", "dense", "--output", "dense.gguf"]
 
 
 def _words(n: int, seed: int = 0) -> str:
@@ -141,6 +142,13 @@ ROWS = [
     ("compare-ppl-missing", COMPARE + ["--perplexity", "[missing.txt:32]"], "'missing.txt' does not exist"),
     ("compare-output-exists", COMPARE + ["--output", "foreign"], "already exists"),
     ("compare-model-unsupported", COMPARE + ["--model", "gpt2"], "cannot prune model_type='gpt2'"),
+    # export
+    ("export-model-missing", EXPORT + ["--model", "./missing"], "no model directory at ./missing"),
+    ("export-format", EXPORT + ["--format", "onnx"], "onnx"),
+    ("export-dtype", EXPORT + ["--dtype", "q3_k"], "q3_k"),
+    ("export-output-exists", EXPORT + ["--output", "calib.txt"], "calib.txt already exists"),
+    ("export-truncated", EXPORT + ["--model", "truncated"], "model.safetensors"),
+    ("export-unsupported", EXPORT + ["--model", "gpt2"], "gpt2"),
     # report and the entry point
     ("report-no-metrics", ["report", "notarun", "--output", "rep"], "metrics.json not found"),
     ("report-missing-dir", ["report", "nosuchrun", "--output", "rep"], "metrics.json not found"),

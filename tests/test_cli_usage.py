@@ -149,15 +149,15 @@ def test_report_reads_a_fit_run_written_before_the_key_change(tmp_path, monkeypa
 def test_help_lists_what_each_subcommand_does(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for name in ("prune", "fit", "eval", "report", "compare"):
+    for name in ("prune", "fit", "eval", "report", "compare", "export"):
         line = next(line for line in out.splitlines() if line.strip().startswith(name + " "))
         assert len(line.split()) > 4, line
 
 
 def test_function_command_help_does_not_import_torch():
-    """`--help` of prune/eval/report/compare must not pay for torch (seconds on a loaded machine)."""
+    """`--help` of prune/eval/report/compare/export must not pay for torch (seconds on a loaded machine)."""
     code = ("import sys, contextlib, io\nfrom slimflow.cli import main\n"
-            "for name in ('prune', 'eval', 'report', 'compare'):\n"
+            "for name in ('prune', 'eval', 'report', 'compare', 'export'):\n"
             "    with contextlib.redirect_stdout(io.StringIO()) as out:\n"
             "        assert main([name, '--help']) == 0\n"
             "    assert name in out.getvalue()\n"

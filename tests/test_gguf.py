@@ -260,13 +260,12 @@ def test_unsupported_and_corrupt_inputs_fail_clearly_and_leave_nothing(tmp_path,
     weights = ckpt / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     cli_fails(["export", "--model", str(ckpt), "--output", str(target)], GGUFExportError,
-              r"cannot load the model in .*ckpt: ", capsys)
+              r"ckpt/model.safetensors is not a complete safetensors file", capsys)
     cli_fails(["export", "--model", str(tmp_path / "missing"), "--output", str(target)], GGUFExportError,
               "no model directory", capsys)
     for option in (["--format", "onnx"], ["--dtype", "q4"]):
-        with pytest.raises(SystemExit) as exit_info:  # refused by the command's schema, before any work
-            main(["export", "--model", str(ckpt), "--output", str(target), *option])
-        assert exit_info.value.code == 2
+        # refused by the command's schema, before any work
+        assert main(["export", "--model", str(ckpt), "--output", str(target), *option]) == 2
     assert _no_partial_files(out) == []
     target.write_bytes(b"keep me")
     cli_fails(["export", "--model", str(ckpt), "--output", str(target)], FileExistsError, "--overwrite", capsys)

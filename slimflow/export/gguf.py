@@ -34,6 +34,7 @@ from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, RopeScalingTyp
 from gguf.quants import quantize
 from torch import nn
 
+from slimflow.errors import OutputExistsError, SlimflowUserError
 from slimflow.export.gguf_vocab import UnsupportedTokenizerError, vocab_from_tokenizer
 
 ARCH = "deci"
@@ -43,7 +44,7 @@ _FILE_TYPE = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "bf
 _Q8_BLOCK = 32
 
 
-class GGUFExportError(ValueError):
+class GGUFExportError(SlimflowUserError, ValueError):
     """A model, tokenizer or option the GGUF export cannot write faithfully; the message says why."""
 
 
@@ -226,7 +227,7 @@ def write_gguf(model: nn.Module, tokenizer, path, dtype: str = "f16", overwrite:
     if path.suffix != ".gguf":
         raise GGUFExportError(f"the output file must end in .gguf, got {path}")
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists: choose another --output or pass --overwrite")
+        raise OutputExistsError(f"{path} already exists: choose another --output or pass --overwrite")
     if path.is_dir():
         raise GGUFExportError(f"{path} is a directory; --output names the .gguf file to write")
     family = check_exportable(model)
@@ -289,7 +290,7 @@ def write_gguf(model: nn.Module, tokenizer, path, dtype: str = "f16", overwrite:
 
 def export_gguf(model: str, output: str, dtype: str = "f16", overwrite: bool = False) -> dict:
     """Load a slimflow checkpoint (or a dense Hugging Face directory) and write it as GGUF (see `write_gguf`)."""
-    from slimflow.models import load_tokenizer
+    from slimflow.models import check_model_source, load_tokenizer
 
     source = Path(model)
     if not source.is_dir():
@@ -298,7 +299,8 @@ def export_gguf(model: str, output: str, dtype: str = "f16", overwrite: bool = F
     if dtype not in DTYPES:
         raise GGUFExportError(f"unknown GGUF dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if Path(output).exists() and not overwrite:
-        raise FileExistsError(f"{output} already exists: choose another --output or pass --overwrite")
+        raise OutputExistsError(f"{output} already exists: choose another --output or pass --overwrite")
+    check_model_source(model)  # config.json and complete safetensors files, named when not
     try:
         net = _load_stored_dtype(source)
     except Exception as error:  # unreadable weights or config: one line, and no file is written

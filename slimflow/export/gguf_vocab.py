@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 from gguf import GGUFWriter, TokenType
 
+from slimflow.errors import SlimflowUserError
+
 # The Split regexes of known byte-level BPE tokenizers -> llama.cpp's pre-tokenizer name (src/llama-vocab.cpp).
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -30,7 +32,7 @@ _IGNORES_MERGES = ("llama-bpe",)
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
-class UnsupportedTokenizerError(ValueError):
+class UnsupportedTokenizerError(SlimflowUserError, ValueError):
     pass
 
 
