@@ -28,11 +28,16 @@ from slimflow.checkpoint import (
     CONFIG_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WIDTHS_KEY, _embeddings_tied, _rebuild_meta_buffers,
     _stock_config, staged_directory, write_metadata,
 )
+from slimflow.errors import SlimflowUserError
 from slimflow.methods.base import PruningMethod
 
 
 class StreamingError(ValueError):
     pass
+
+
+class NotStreamableError(SlimflowUserError, StreamingError):
+    """The model or method cannot be streamed (a user choice to change, e.g. --streaming false)."""
 
 
 def checkpoint_files(path: Path) -> list[Path]:
@@ -42,7 +47,7 @@ def checkpoint_files(path: Path) -> list[Path]:
     if (path / WEIGHTS_INDEX_NAME).is_file():
         index = json.loads((path / WEIGHTS_INDEX_NAME).read_text())
         return [path / name for name in sorted(set(index["weight_map"].values()))]
-    raise StreamingError(f"{path} has no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}: streaming reads safetensors "
+    raise NotStreamableError(f"{path} has no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}: streaming reads safetensors "
                          "checkpoints only (use --streaming false for other formats)")
 
 
@@ -86,7 +91,7 @@ def check_streamable(pruner: PruningMethod) -> None:
     whole_model = (pruner.prunes_globally or pruner.adds_bias
                    or type(pruner).prepare is not PruningMethod.prepare)
     if whole_model:
-        raise StreamingError(f"method {pruner.name!r} needs the whole model in memory (global statistics, "
+        raise NotStreamableError(f"method {pruner.name!r} needs the whole model in memory (global statistics, "
                              "gradients or added biases); stream with slimgpt, magnitude or wanda-sp, or pass "
                              "--streaming false")
 

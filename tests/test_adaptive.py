@@ -82,11 +82,17 @@ def test_default_prune_succeeds_on_a_short_gqa_model(short_gqa, ratio, schedule)
     assert all(layer["widths"]["num_key_value_heads"] >= 1 for layer in info["layers"])
 
 
-def test_unreachable_ratio_fails_before_any_work_with_the_reachable_limit(short_gqa):
+def test_unreachable_ratio_fails_before_any_work_with_the_reachable_limit(short_gqa, monkeypatch, capsys):
+    import slimflow.data.calibration
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("the ratio must be refused before the calibration text is read")
+
+    monkeypatch.setattr(slimflow.data.calibration, "calibration_ids", no_calibration)
     out = short_gqa / "never"
-    with pytest.raises(ValueError, match="Lower the ratio to at most 0.8"):
-        main(["prune", "--model", str(short_gqa / "dense"), "--calibration", str(short_gqa / "missing.txt"),
-              "--output", str(out), "--ratio", "0.9", "--schedule", "adaptive"])
+    assert main(["prune", "--model", str(short_gqa / "dense"), "--calibration", str(short_gqa / "calib.txt"),
+                 "--output", str(out), "--ratio", "0.9", "--schedule", "adaptive", "--seqlen", "32"]) == 2
+    assert "Lower the ratio to at most 0.8" in capsys.readouterr().err
     assert not out.exists()
 
 
