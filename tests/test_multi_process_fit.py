@@ -92,6 +92,9 @@ def test_iterative_recipe_on_two_processes_is_refused_with_the_reason(assets, tm
     assert not (tmp_path / "it" / "export").exists()
 
 
-def test_several_processes_need_the_command_line(assets, tmp_path):  # noqa: F811
-    with pytest.raises(ValueError, match="run `slimflow fit` as a command"):
-        fit(tiny_config("demo.yaml", assets, tmp_path / "run", devices=2, strategy="ddp"))
+def test_several_processes_need_the_command_line(assets, tmp_path, capsys):  # noqa: F811
+    from slimflow.cli import main
+
+    assert main(["fit", "--config", str(tiny_config("demo.yaml", assets, tmp_path / "run", devices=2,
+                                                    strategy="ddp"))]) == 2
+    assert "run `slimflow fit` as a command" in capsys.readouterr().err
