@@ -51,6 +51,8 @@ def tiny_config(name: str, assets: dict, run: Path, extra_callbacks=(), batch_si
             args.update(ppl=[f"{assets['text']}:32"], max_windows=8, max_tokens=None)
         elif kind == "LoRARecovery":
             args.update(r=4, alpha=8)
+        elif kind == "ModelCheckpoint" and batch_size != 1:
+            args.pop("every_n_train_steps", None)  # shorter epochs than the demo's: checkpoint at epoch ends
     config["trainer"]["callbacks"] += [{"class_path": c} for c in extra_callbacks]
     config["model"]["init_args"].update(pretrained=assets["model"], warmup_steps=2)
     config["data"]["init_args"].update(path=assets["alpaca"], limit=None, val_size=8, batch_size=batch_size,
