@@ -132,6 +132,7 @@ def test_demo_killed_mid_epoch_resumes_without_pruning_and_prints_the_summary(as
 
     summary = json.loads((run / "metrics.json").read_text())["summary"]
     out = capsys.readouterr().out
+    assert "slimflow: finetuning LoRA (r 4" in out and "from step 5" in out
     printed = out[out.index("slimflow: fit finished"):]
     for name in ("dense", "pruned", "finetuned"):
         assert f"{name} {summary[name]['ppl']:.2f}" in printed and f"{name} {summary[name]['parameters']:,}" in printed

@@ -6,6 +6,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 
 from slimflow.lightning.access import SlimflowCallback, get_model, notify, set_model, slimflow_callbacks
+from slimflow.lightning.logs import say
 from slimflow.lightning.restore import is_peft, restore_known_checkpoint, save_architecture
 from slimflow.errors import InvalidValueError
 
@@ -94,6 +95,12 @@ class LoRARecovery(SlimflowCallback):
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
         save_architecture(pl_module, checkpoint, self.model_attr)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.injected:
+            trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+            say(trainer, f"finetuning LoRA (r {self.r}, {trainable:,} trainable parameters) for "
+                         f"{int(trainer.estimated_stepping_batches)} optimizer steps from step {trainer.global_step}")
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         from slimflow.lightning.distributed import is_sharded
