@@ -14,12 +14,16 @@ exception is a defect and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib
 import inspect
+import io
 import os
 import re
 import sys
 import traceback
+from pathlib import Path
 
 # subcommand -> "module:function"; each function's signature is its command-line schema
 FUNCTION_COMMANDS = {
@@ -106,6 +110,53 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _help_cache(argv: list[str]) -> Path:
+    """Where the help text of `slimflow fit --help` (etc.) is kept: keyed by the command, the installed versions
+    of what shapes the parser, and the size and modification time of every slimflow source file."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    key = hashlib.sha256(" ".join(argv).encode())
+    for package in ("lightning", "jsonargparse", "transformers", "torch", "peft"):
+        try:
+            key.update(f"{package}={version(package)}".encode())
+        except PackageNotFoundError:
+            key.update(package.encode())
+    for source in sorted(Path(__file__).parent.rglob("*.py")):
+        stat = source.stat()
+        key.update(f"{source.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "slimflow" / "help" / f"{argv[0]}-{key.hexdigest()[:16]}.txt"
+
+
+def _cached_help(argv: list[str]) -> int:
+    """`slimflow fit --help` builds its text from Lightning, which takes seconds to import: the text is kept
+    after the first call and printed from there while nothing it depends on has changed."""
+    cache = _help_cache(argv)
+    if cache.is_file():
+        sys.stdout.write(cache.read_text())
+        return 0
+    from slimflow.lightning.cli import lightning_main
+
+    buffer = io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(buffer):
+        try:
+            lightning_main(argv)
+        except SystemExit as exit_:
+            code = exit_.code or 0
+    text = buffer.getvalue()
+    if code == 0 and text:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            partial = cache.with_suffix(f".{os.getpid()}.partial")
+            partial.write_text(text)
+            partial.replace(cache)
+        except OSError:  # a read-only home: the help is still printed, only not kept
+            pass
+    sys.stdout.write(text)
+    return code
+
+
 def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
@@ -114,6 +165,8 @@ def _dispatch(argv: list[str]) -> int:
     if command in FUNCTION_COMMANDS:
         run_function_command(command, argv[1:])
         return 0
+    if command in LIGHTNING_COMMANDS and argv[1:] in (["--help"], ["-h"]):
+        return _cached_help(argv)
     if command in LIGHTNING_COMMANDS or command.startswith("-"):
         from slimflow.lightning.cli import lightning_main
 

@@ -166,3 +166,19 @@ def test_function_command_help_does_not_import_torch():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_lightning_command_help_is_kept_after_the_first_call(tmp_path, monkeypatch, capsys):
+    """`fit --help` needs Lightning (seconds to import): its text is built once, then printed without it."""
+    import lightning.pytorch  # noqa: F401 - its log handler binds pytest's stream, not this test's capsys
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert main(["fit", "--help"]) == 0
+    first = capsys.readouterr().out
+    assert "--trainer.max_epochs" in first and first.startswith("usage: slimflow")
+    code = ("import sys\nfrom slimflow.cli import main\nassert main(['fit', '--help']) == 0\n"
+            "sys.stderr.write(str(sorted(m for m in ('torch', 'lightning') if m in sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "XDG_CACHE_HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == first and done.stderr.strip().endswith("[]")
