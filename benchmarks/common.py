@@ -15,6 +15,8 @@ SHAPES = {
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
     "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
     "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8),
+    # decoder-heavy enough for a 20% ratio at vocab 32000: CPU rehearsals of the managed run
+    "small": dict(hidden_size=1024, intermediate_size=2752, num_hidden_layers=4, num_attention_heads=16),
 }
 
 
