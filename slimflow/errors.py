@@ -60,11 +60,17 @@ def require_existing(source: str | os.PathLike | None, what: str) -> None:
                                 f"{os.getcwd()}): check the path")
 
 
-def user_error_in(error: BaseException) -> SlimflowUserError | None:
-    """The `SlimflowUserError` that `error` is or was raised from (frameworks wrap errors of user classes)."""
+# other libraries' classes for configuration mistakes (matched by name: slimflow.errors imports none of them)
+FOREIGN_USER_ERRORS = frozenset({"lightning.fabric.utilities.exceptions.MisconfigurationException"})
+
+
+def user_error_in(error: BaseException) -> BaseException | None:
+    """The user error (`SlimflowUserError`, or a library's configuration error in `FOREIGN_USER_ERRORS`) that
+    `error` is or was raised from (frameworks wrap the errors of the classes they build)."""
     seen = set()
     while error is not None and id(error) not in seen:
-        if isinstance(error, SlimflowUserError):
+        if isinstance(error, SlimflowUserError) or any(
+                f"{cls.__module__}.{cls.__qualname__}" in FOREIGN_USER_ERRORS for cls in type(error).__mro__):
             return error
         seen.add(id(error))
         error = error.__cause__ or error.__context__

@@ -122,6 +122,7 @@ ROWS = [
     # fit (LightningCLI)
     ("fit-abbreviated-key", FIT + ["--trainer.max_epoch", "2"], "max_epoch"),
     ("fit-model-missing", FIT + ["--model.init_args.pretrained", "no/such/model"], "no/such/model"),
+    ("fit-accelerator-missing", FIT + ["--trainer.accelerator", "mps"], "MPSAccelerator` can not run"),
     ("fit-checkpoint-missing", FIT + ["--ckpt_path", "nothere.ckpt"], "checkpoint 'nothere.ckpt' not found"),
     ("fit-ratio-range", ["fit", "--config", "fit_ratio.yaml"], "ratios must increase within (0, 1)"),
     ("fit-method-kwargs", ["fit", "--config", "fit_kwargs.yaml"], "has no option 'nope'"),
