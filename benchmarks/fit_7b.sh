@@ -11,6 +11,8 @@ SHAPE=${2:-7b}; STREAM_SHAPE=${3:-13b}; WORK=${4:-/tmp/slimflow-fit}; CONFIG=${5
 SAMPLES=${SAMPLES:-128}; SEQLEN=${SEQLEN:-2048}; MICRO=${MICRO:-128}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$WORK"
+# leftovers of an interrupted run would not leave room for the next checkpoint (7B + 13B + outputs ≈ 70 GB)
+rm -rf "$WORK/dense" "$WORK/run" "$WORK/dense_stream" "$WORK/pruned_stream" "$WORK"/.pruned_stream.partial-*
 stamp() { echo "[$(date -u +%T)] $*"; }
 
 stamp "write $SHAPE"
