@@ -87,7 +87,7 @@ class Throughput(Callback):
 
 # ---------------------------------------------------------------------------------------------- subcommands
 def prune(model: str, samples: int = 128, seqlen: int = 2048, ratio: float = 0.2, batch_size: int = 8,
-          out: str = "prune.json") -> None:
+          dtype: str = "bfloat16", out: str = "prune.json") -> None:
     """One rank of the data-parallel pruning benchmark (launched by torchrun; one process is the baseline)."""
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
@@ -100,7 +100,7 @@ def prune(model: str, samples: int = 128, seqlen: int = 2048, ratio: float = 0.2
     if cuda:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo")
-    net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
+    net = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype))
     ids = torch.randint(3, net.config.vocab_size, (samples, seqlen), generator=torch.Generator().manual_seed(0))
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -123,8 +123,10 @@ def prune(model: str, samples: int = 128, seqlen: int = 2048, ratio: float = 0.2
     dist.destroy_process_group()
 
 
-def _launch(cmd: list[str], log: Path, timeout: float) -> float:
-    env = {**os.environ, **NO_MULTICAST, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+def _launch(cmd: list[str], log: Path, timeout: float, processes: int = 1) -> float:
+    threads = str(max(1, (os.cpu_count() or 1) // processes))  # torchrun would give 1 thread to N > 1 only
+    env = {**os.environ, **NO_MULTICAST, "OMP_NUM_THREADS": threads,
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     started = time.perf_counter()
     with open(log, "w") as f:
         done = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
@@ -168,7 +170,7 @@ def _fit_config(work: Path, name: str, accelerator: str, devices: int, strategy:
 
 
 def run(shape: str = "7b", gpus: int = 2, accelerator: str = "cuda", samples: int = 128, seqlen: int = 2048,
-        ratio: float = 0.2, prune_batch_size: int = 8, fit_samples: int = 16, steps: int = 60, warmup: int = 10, batch_size: int = 4,
+        ratio: float = 0.2, prune_batch_size: int = 8, check_samples: int = 16, fit_samples: int = 16, steps: int = 60, warmup: int = 10, batch_size: int = 4,
         cutoff_len: int = 512, records: int = 2000, strategies: list[str] | None = None,
         work: str = "/tmp/slimflow_multi_gpu", out: str = "benchmarks/results/multi_gpu.json",
         tokenizer: str = "../shared/models/ref-llama-27m", alpaca: str = "../shared/data/alpaca/alpaca_5000.json",
@@ -179,6 +181,9 @@ def run(shape: str = "7b", gpus: int = 2, accelerator: str = "cuda", samples: in
         prune_batch_size: calibration sequences per forward pass. Keep `samples / gpus` a multiple of it: then
             every process sees the same batch shapes as the 1-process run, whose bf16 activations are otherwise
             rounded differently (on random weights, near-tied scores then flip some decisions).
+        check_samples: sequences of the float32 runs (1 and N processes) that check the decisions: in bf16
+            the compensated weights round differently when the Hessians are summed in another order, and
+            on random weights that flips near-tied decisions of later layers.
         strategies: multi-device strategies of the LoRA stage (default: ddp, fsdp2, and fsdp on CUDA).
     """
     from transformers import AutoTokenizer
@@ -198,18 +203,24 @@ def run(shape: str = "7b", gpus: int = 2, accelerator: str = "cuda", samples: in
     result = {"device": device_info(), "shape": shape, "gpus": gpus, "accelerator": accelerator,
               "env": NO_MULTICAST, "checkpoint_s": round(time.perf_counter() - t, 1), "prune": {}, "lora": {}}
 
-    for n in sorted({1, gpus}):
-        path = work_dir / f"prune_{n}.json"
+    def pruned(n: int, name: str, count: int, dtype: str) -> dict:
+        path = work_dir / f"{name}_{n}.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-               "-m", "benchmarks.multi_gpu", "prune", str(work_dir / "model"), "--samples",
-               str(samples), "--seqlen", str(seqlen), "--ratio", str(ratio), "--batch_size", str(prune_batch_size),
-               "--out", str(path)]
-        launched = _launch(cmd, work_dir / f"prune_{n}.log", timeout)
-        result["prune"][n] = json.loads(path.read_text()) | {"launch_s": launched}
-    kept = result["prune"][1]["kept"]
-    for r in result["prune"].values():
-        r["same_decisions_as_1"] = r["kept"] == kept
-        r["layers_with_same_decisions"] = sum(a == b for a, b in zip(r["kept"], kept)) / len(kept)
+               "-m", "benchmarks.multi_gpu", "prune", str(work_dir / "model"), "--samples", str(count),
+               "--seqlen", str(seqlen), "--ratio", str(ratio), "--batch_size", str(prune_batch_size),
+               "--dtype", dtype, "--out", str(path)]
+        launched = _launch(cmd, work_dir / f"{name}_{n}.log", timeout, n)
+        return json.loads(path.read_text()) | {"launch_s": launched}
+
+    counts = sorted({1, gpus})
+    result["prune"] = {n: pruned(n, "prune", samples, "bfloat16") for n in counts}
+    check = {n: pruned(n, "check", check_samples, "float32") for n in counts}
+    for runs, key in ((result["prune"], "bf16"), (check, "fp32")):
+        kept = runs[1]["kept"]
+        for n in counts:
+            result["prune"][n][f"same_decisions_as_1_{key}"] = runs[n]["kept"] == kept
+            result["prune"][n][f"layers_with_same_decisions_{key}"] = sum(
+                a == b for a, b in zip(runs[n]["kept"], kept)) / len(kept)
     for r in result["prune"].values():
         del r["kept"]
     result["prune_speedup"] = round(result["prune"][1]["wall_s"] / result["prune"][gpus]["wall_s"], 3)
@@ -221,7 +232,7 @@ def run(shape: str = "7b", gpus: int = 2, accelerator: str = "cuda", samples: in
     for name, devices, strategy in runs:
         config = _fit_config(work_dir, name, accelerator, devices, strategy, args)
         launched = _launch([sys.executable, "-m", "slimflow.cli", "fit", "--config", str(config)],
-                           work_dir / f"{name}.log", timeout)
+                           work_dir / f"{name}.log", timeout, devices)
         result["lora"][name] = json.loads((work_dir / f"{name}.json").read_text()) | {"fit_s": launched}
     base = result["lora"]["single"]["tokens_per_s"]
     for name, r in result["lora"].items():
@@ -233,11 +244,12 @@ def run(shape: str = "7b", gpus: int = 2, accelerator: str = "cuda", samples: in
 
 
 def table(result: dict) -> str:
-    rows = ["| stage | processes | wall s | tokens/s | efficiency | peak memory per rank (GiB) | same decisions |",
-            "|---|---:|---:|---:|---:|---|---|"]
+    rows = ["| stage | processes | wall s | tokens/s | efficiency | peak memory per rank (GiB) | same decisions "
+            "(fp32 check; bf16 layers) |", "|---|---:|---:|---:|---:|---|---|"]
     for n, r in result["prune"].items():
         rows.append(f"| pruning | {n} | {r['wall_s']} | | {result['prune'][1]['wall_s'] / (r['wall_s'] * int(n)):.2f} "
-                    f"| {r['peak_memory_gib_per_rank']} | {r['same_decisions_as_1']} |")
+                    f"| {r['peak_memory_gib_per_rank']} | {r['same_decisions_as_1_fp32']}; "
+                    f"{r['layers_with_same_decisions_bf16']:.0%} |")
     for name, r in result["lora"].items():
         rows.append(f"| LoRA {name} | {r['devices']} | {r['seconds']} | {r['tokens_per_s']} | {r['scaling_efficiency']} "
                     f"| {r['peak_memory_gib_per_rank']} | |")
