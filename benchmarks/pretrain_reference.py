@@ -109,6 +109,20 @@ def tokenize(out: str = "/tmp/tokens", corpus: str = CORPUS, tokenizer: str = TO
     return info
 
 
+def save_tokenizer(tokenizer: str, save_dir: Path) -> None:
+    """Copy the shared tokenizer next to a model, with an explicit "no pad token".
+
+    Without that entry transformers loads a Qwen2 model's tokenizer as `Qwen2Tokenizer`, whose default pad token
+    `<|endoftext|>` becomes an added token 8192, outside the 8192-row embedding, and the corpus' document
+    separators would encode to it.
+    """
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(tokenizer).save_pretrained(save_dir)
+    config_path = Path(save_dir) / "tokenizer_config.json"
+    config_path.write_text(json.dumps(json.loads(config_path.read_text()) | {"pad_token": None}, indent=2))
+
+
 def lr_at(step: int, steps: int, lr: float, warmup: int, min_ratio: float) -> float:
     """Linear warm-up over `warmup` steps, then cosine from `lr` to `min_ratio * lr` at `steps`."""
     if step < warmup:
@@ -234,7 +248,7 @@ def train(
     train_seconds = time.perf_counter() - started
     save_dir = Path(out) / preset
     model.to(torch.bfloat16).save_pretrained(save_dir)
-    AutoTokenizer.from_pretrained(tokenizer).save_pretrained(save_dir)
+    save_tokenizer(tokenizer, save_dir)
     result = {
         "preset": preset, "architecture": PRESETS[preset]["architecture"], "params": params, "steps": step,
         "planned_steps": planned, "stopped_early": stopped_early, "train_tokens": step * batch * seqlen,

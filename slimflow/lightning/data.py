@@ -69,7 +69,8 @@ class EpochSeededSampler(Sampler[int]):
 
 
 def pad_collate(pad_id: int):
-    """Right-pad `input_ids` with `pad_id` and `labels` with -100; build the attention mask."""
+    """Right-pad `input_ids` with `pad_id` and `labels` with -100; build the attention mask. Fixed-length
+    `distill_input_ids` windows (distillation text), if the examples carry them, are stacked alongside."""
 
     def collate(examples: list[dict]) -> dict:
         width = max(len(e["input_ids"]) for e in examples)
@@ -81,7 +82,10 @@ def pad_collate(pad_id: int):
             ids[row, :n] = torch.tensor(e["input_ids"])
             labels[row, :n] = torch.tensor(e["labels"])
             mask[row, :n] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if "distill_input_ids" in examples[0]:
+            batch["distill_input_ids"] = torch.stack([torch.as_tensor(e["distill_input_ids"]) for e in examples])
+        return batch
 
     return collate
 
@@ -91,6 +95,9 @@ class InstructionData(LightningDataModule):
 
     Each example is the Alpaca prompt followed by the output and EOS, cut to `cutoff_len` tokens. With
     `train_on_inputs=False` the loss covers the response tokens only (prompt labels are -100).
+
+    With `distill_text`, each training example also carries one window of `distill_seqlen` tokens of that
+    generic text (`distill_input_ids`, drawn like calibration data) for `CausalLMModule`'s distillation loss.
 
     Args:
         path: a local `.json`/`.jsonl` file or a hub dataset name (e.g. `yahma/alpaca-cleaned`).
@@ -106,14 +113,23 @@ class InstructionData(LightningDataModule):
         seed: seed of the train/validation split and of the per-epoch shuffling.
         split: hub dataset split.
         num_workers: DataLoader workers.
+        distill_text: local text/.gz/.json/.jsonl file (or hub dataset) of the distillation windows; None: none.
+        distill_seqlen: tokens per distillation window.
+        distill_sampling: `random` (seeded offsets after `distill_skip_tokens`) or `tail` (the text's last tokens).
+        distill_skip_tokens: tokens skipped at the start of `distill_text` (keep clear of an evaluation prefix).
     """
 
     def __init__(self, path: str = "yahma/alpaca-cleaned", tokenizer: str | None = None, cutoff_len: int = 256,
                  train_on_inputs: bool = False, add_eos_token: bool = True, val_size: int = 2000,
                  batch_size: int = 4, eval_batch_size: int | None = None, limit: int | None = None, seed: int = 42,
-                 split: str = "train", num_workers: int = 0):
+                 split: str = "train", num_workers: int = 0, distill_text: str | None = None,
+                 distill_seqlen: int = 128, distill_sampling: str = "random", distill_skip_tokens: int = 0):
         super().__init__()
         require_local(path, "instruction data file")
+        if distill_text is not None:
+            require_local(distill_text, "distillation text")
+        self.distill_text, self.distill_seqlen = distill_text, distill_seqlen
+        self.distill_sampling, self.distill_skip_tokens = distill_sampling, distill_skip_tokens
         self.path, self.tokenizer_name, self.cutoff_len = path, tokenizer, cutoff_len
         self.train_on_inputs, self.add_eos_token, self.val_size = train_on_inputs, add_eos_token, val_size
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
@@ -152,6 +168,13 @@ class InstructionData(LightningDataModule):
             raise InvalidValueError(f"only {len(encoded)} of {len(records)} examples keep response tokens within "
                              f"cutoff_len={self.cutoff_len}: raise cutoff_len or lower val_size")
         self.val_set, self.train_set = encoded[: self.val_size], encoded[self.val_size:]
+        if self.distill_text is not None:
+            from slimflow.data.calibration import calibration_ids
+
+            windows = calibration_ids(self.distill_text, self.tokenizer, num_samples=len(self.train_set),
+                                      seqlen=self.distill_seqlen, seed=self.seed, sampling=self.distill_sampling,
+                                      skip_tokens=self.distill_skip_tokens)
+            self.train_set = [e | {"distill_input_ids": w} for e, w in zip(self.train_set, windows)]
 
     @property
     def pad_id(self) -> int:

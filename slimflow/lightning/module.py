@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 
@@ -10,6 +11,7 @@ from lightning.pytorch import LightningModule
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.text import Perplexity
 
+from slimflow.algorithms.distillation import distillation_kl
 from slimflow.lightning.access import is_local_path
 from slimflow.lightning.restore import restore_architecture
 from slimflow.errors import InvalidValueError, MissingInputError
@@ -50,16 +52,30 @@ class CausalLMModule(LightningModule):
         dtype: dtype the weights are loaded in (`float32`, `bfloat16`, `float16`).
         gradient_checkpointing: trade compute for activation memory.
         attn_implementation: transformers attention backend (`sdpa`, `eager`, ...); default: transformers' choice.
+        lm_weight: weight of the next-token cross-entropy on `labels` (0 skips it).
+        distill_weight: weight of the distillation KL on `distill_input_ids` (0: no teacher is loaded).
+        distill_temperature: softmax temperature T of the distillation KL (the loss is scaled by T²).
+        teacher: directory or hub id of the dense teacher (default: `pretrained`, the model before pruning).
+        teacher_dtype: dtype the teacher is loaded in (default: `dtype`).
     """
 
     def __init__(self, pretrained: str, lr: float = 1e-4, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 100, min_lr_ratio: float = 0.0,
-                 dtype: str = "float32", gradient_checkpointing: bool = False, attn_implementation: str | None = None):
+                 dtype: str = "float32", gradient_checkpointing: bool = False, attn_implementation: str | None = None,
+                 lm_weight: float = 1.0, distill_weight: float = 0.0, distill_temperature: float = 2.0,
+                 teacher: str | None = None, teacher_dtype: str | None = None):
         super().__init__()
         if is_local_path(pretrained) and not os.path.isfile(os.path.join(os.path.expanduser(pretrained), "config.json")):
             raise MissingInputError(f"model directory {pretrained!r} not found (or it has no config.json)")
         if dtype not in DTYPES:
             raise InvalidValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if teacher_dtype is not None and teacher_dtype not in DTYPES:
+            raise InvalidValueError(f"teacher_dtype must be one of {', '.join(DTYPES)}, got {teacher_dtype!r}")
+        if lm_weight < 0 or distill_weight < 0 or lm_weight + distill_weight == 0:
+            raise InvalidValueError(f"lm_weight ({lm_weight}) and distill_weight ({distill_weight}) must be >= 0 and "
+                             "not both 0; set distill_weight > 0 to distil, lm_weight > 0 for the next-token loss")
+        if distill_temperature <= 0:
+            raise InvalidValueError(f"distill_temperature must be > 0, got {distill_temperature}")
         self.save_hyperparameters()
         from transformers import AutoTokenizer
 
@@ -67,6 +83,7 @@ class CausalLMModule(LightningModule):
         self.model = None
         self.val_ppl = Perplexity(ignore_index=-100)
         self.test_ppl = Perplexity(ignore_index=-100)
+        self._teacher: list = [None]  # a list keeps the teacher out of the module's children and checkpoints
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -85,9 +102,63 @@ class CausalLMModule(LightningModule):
     def forward(self, **batch):
         return self.model(**batch)
 
+    # ------------------------------------------------------------------------------------------ teacher
+    @property
+    def teacher_model(self):
+        """The frozen dense teacher (loaded on first use; None without distillation)."""
+        hp = self.hparams
+        if hp.distill_weight > 0 and self._teacher[0] is None:
+            from transformers import AutoModelForCausalLM
+
+            teacher = AutoModelForCausalLM.from_pretrained(hp.teacher or hp.pretrained,
+                                                           dtype=DTYPES[hp.teacher_dtype or hp.dtype])
+            self._teacher[0] = teacher.requires_grad_(False).eval().to(self.device)
+        return self._teacher[0]
+
+    def release_teacher(self) -> None:
+        if self._teacher[0] is not None:
+            self._teacher[0] = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def on_fit_start(self) -> None:
+        self.teacher_model  # noqa: B018 - load it now, on the training device, before the first step
+
+    def on_fit_end(self) -> None:
+        self.release_teacher()
+
+    # ----------------------------------------------------------------------------------------- training
+    def distillation_loss(self, batch: dict) -> torch.Tensor:
+        ids = batch.get("distill_input_ids")
+        if ids is None:
+            raise InvalidValueError("distill_weight > 0 needs training batches with `distill_input_ids`: give the data "
+                             "a distillation text (e.g. InstructionData distill_text: path/to/text.txt.gz)")
+        mask = batch.get("distill_attention_mask")
+        student = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        with torch.no_grad():
+            teacher = self.teacher_model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        return distillation_kl(student, teacher, self.hparams.distill_temperature, mask)
+
     def training_step(self, batch: dict, batch_idx: int):
-        loss = self.model(**batch, use_cache=False).loss
-        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        hp = self.hparams
+        lm_batch = {k: v for k, v in batch.items() if not k.startswith("distill_")}
+        size = batch["input_ids"].shape[0]
+        loss = 0.0
+        if hp.lm_weight > 0:
+            lm = self.model(**lm_batch, use_cache=False).loss
+            loss = hp.lm_weight * lm
+            if hp.distill_weight > 0:
+                self.log("train_lm_loss", lm, batch_size=size)
+        if hp.distill_weight > 0:
+            try:
+                kd = self.distillation_loss(batch)
+            except BaseException:
+                self.release_teacher()  # a failed fit does not keep the teacher (the module gets no on_exception)
+                raise
+            loss = loss + hp.distill_weight * kd
+            self.log("train_distill_kl", kd, prog_bar=True, batch_size=size)
+        self.log("train_loss", loss, prog_bar=True, batch_size=size)
         return loss
 
     def _score(self, batch: dict, metric: Perplexity, name: str) -> None:
