@@ -160,8 +160,6 @@ def test_fit_resumes_from_a_checkpoint_without_pruning_again(trained, tmp_path, 
 
 
 def test_second_fit_finetunes_again_without_pruning(trained, tmp_path, monkeypatch):
-    if trained["kind"] != "own":
-        pytest.skip("one module kind is enough")
     from slimflow.surgery import count_parameters
 
     no_pruning(monkeypatch)
