@@ -12,3 +12,5 @@ fi
 # slimflow uses only its text models, so its multimodal library is not built unless CMAKE_ARGS asks for it.
 export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}"
 "$PY" -m pip install -q -e ".[test]"
+# Build the cached help text of the Lightning subcommands once, so that `slimflow fit --help` starts at once.
+slimflow fit --help >/dev/null 2>&1 || true
