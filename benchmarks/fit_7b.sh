@@ -7,7 +7,7 @@
 # Every step writes its JSON to OUT; checkpoints are deleted as soon as they are no longer needed.
 set -u
 OUT=${1:?usage: benchmarks/fit_7b.sh OUT [SHAPE] [STREAM_SHAPE] [WORK] [CONFIG]}
-SHAPE=${2:-7b}; STREAM_SHAPE=${3:-13b}; WORK=${4:-/tmp/slimflow-fit}; CONFIG=${5:-benchmarks/fit_7b.yaml}
+SHAPE=${2:-7b}; STREAM_SHAPE=${3:-13b}; WORK=${4:-${TMPDIR:-/tmp}/slimflow-fit}; CONFIG=${5:-benchmarks/fit_7b.yaml}
 SAMPLES=${SAMPLES:-128}; SEQLEN=${SEQLEN:-2048}; MICRO=${MICRO:-128}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$WORK"

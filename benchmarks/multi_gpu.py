@@ -18,7 +18,7 @@ needs CUDA):
 
     python -m benchmarks.multi_gpu run --shape tiny --gpus 2 --accelerator cpu --samples 16 --seqlen 64 \\
         --ratio 0.05 --prune_batch_size 4 --fit_samples 4 --steps 12 --warmup 4 --cutoff_len 256 --records 200 \\
-        --out /tmp/multi_gpu_cpu.json
+        --out runs/multi_gpu_cpu.json
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def _fit_config(work: Path, name: str, accelerator: str, devices: int, strategy:
 def run(shape: str = "7b", gpus: int = 2, accelerator: str = "cuda", samples: int = 128, seqlen: int = 2048,
         ratio: float = 0.2, prune_batch_size: int = 8, check_samples: int = 16, fit_samples: int = 16, steps: int = 60, warmup: int = 10, batch_size: int = 4,
         cutoff_len: int = 512, records: int = 2000, strategies: list[str] | None = None,
-        work: str = "/tmp/slimflow_multi_gpu", out: str = "benchmarks/results/multi_gpu.json",
+        work: str = "runs/multi_gpu_work", out: str = "benchmarks/results/multi_gpu.json",
         tokenizer: str = "../shared/models/ref-llama-27m", alpaca: str = "../shared/data/alpaca/alpaca_5000.json",
         calibration: str = "../shared/pretrain_corpus/part-007.txt.gz", timeout: float = 1800) -> dict:
     """The whole benchmark (see the module docstring); writes `out` and prints a markdown table.

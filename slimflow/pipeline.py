@@ -45,22 +45,6 @@ class ResidentLayers:
         layer.to(self._homes.pop(index))
 
 
-class ResidentLayers:
-    """Where `prune_layers` gets each decoder layer from and puts it back: layers already in memory are moved to
-    the processing device for their turn and back home afterwards. `slimflow.streaming.StreamingLayers` reads
-    them from the checkpoint files instead and writes them out."""
-
-    def __init__(self):
-        self._homes: dict[int, torch.device] = {}
-
-    def fetch(self, index: int, layer: nn.Module, device: torch.device) -> None:
-        self._homes[index] = next(layer.parameters()).device
-        layer.to(device, non_blocking=True)
-
-    def release(self, index: int, layer: nn.Module) -> None:
-        layer.to(self._homes.pop(index))
-
-
 class _Stop(Exception):
     """Raised once a pass has what it needs, to skip the rest of a forward pass."""
 
