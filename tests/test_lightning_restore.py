@@ -172,3 +172,11 @@ def test_second_fit_finetunes_again_without_pruning(trained, tmp_path, monkeypat
     assert before.keys() == after.keys() and count_parameters(getattr(module, attr)) == params
     assert not hasattr(getattr(module, attr), "peft_config")  # merged again
     assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained
+
+
+def test_a_checkpoint_from_a_newer_slimflow_is_a_user_error():
+    from slimflow.errors import SlimflowUserError
+    from slimflow.lightning.restore import KEY, restore_architecture
+
+    with pytest.raises(SlimflowUserError, match="upgrade slimflow"):
+        restore_architecture(object(), {KEY: {"format": 10**6, "widths": []}})

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from lightning.pytorch import LightningModule
 
+from slimflow.errors import InvalidValueError
 from slimflow.lightning.access import base_model, get_model, notify, set_model
 
 KEY = "slimflow"
@@ -72,7 +73,7 @@ def restore_architecture(pl_module: LightningModule, checkpoint: dict) -> bool:
     if not state:
         return False
     if state.get("format", FORMAT) > FORMAT:
-        raise ValueError(f"the checkpoint's slimflow entry has format {state['format']}; this slimflow reads "
+        raise InvalidValueError(f"the checkpoint's slimflow entry has format {state['format']}; this slimflow reads "
                          f"format {FORMAT}: upgrade slimflow")
     from slimflow.api import record_widths
     from slimflow.surgery import LayerWidths, apply_widths
@@ -87,7 +88,7 @@ def restore_architecture(pl_module: LightningModule, checkpoint: dict) -> bool:
         try:
             apply_widths(base, [LayerWidths(*w) for w in widths])
         except ValueError as error:
-            raise ValueError(f"cannot rebuild the checkpoint's architecture on {type(pl_module).__name__}.{attr}: "
+            raise InvalidValueError(f"cannot rebuild the checkpoint's architecture on {type(pl_module).__name__}.{attr}: "
                              f"{error}. Restore into a freshly constructed (dense) module") from None
         record_widths(base, [LayerWidths(*w) for w in widths])
     if lora and not is_peft(model):
