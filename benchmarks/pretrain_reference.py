@@ -11,8 +11,8 @@ Reproducible: the seed fixes the initialisation and the data order, and the lear
 the number of steps. With `--minutes` the step count is chosen once, during warm-up (before the schedule depends on
 it), from the measured step time, and written to the log; `--steps N` reruns exactly that schedule.
 
-    python -m benchmarks.pretrain_reference tokenize --out /tmp/tokens
-    python -m benchmarks.pretrain_reference train --preset ref-llama-gqa-12m --tokens /tmp/tokens --minutes 3 --out runs/m
+    python -m benchmarks.pretrain_reference tokenize --out runs/tokens
+    python -m benchmarks.pretrain_reference train --preset ref-llama-gqa-12m --tokens runs/tokens --minutes 3 --out runs/m
     python -m benchmarks.pretrain_reference evaluate --model runs/m/ref-llama-gqa-12m
 
 `tokenize` writes the token stream once (uint16), so models trained side by side share it. Each document of the
@@ -79,7 +79,7 @@ def build_model(preset: str, seed: int):
     return getattr(transformers, arch)(config)
 
 
-def tokenize(out: str = "/tmp/tokens", corpus: str = CORPUS, tokenizer: str = TOKENIZER, max_docs: int | None = None) -> dict:
+def tokenize(out: str = "runs/tokens", corpus: str = CORPUS, tokenizer: str = TOKENIZER, max_docs: int | None = None) -> dict:
     """Encode parts 000-006 of `corpus` as one uint16 stream `<out>/train.npy` (`<s> doc </s>` per document).
 
     Args:
@@ -154,7 +154,7 @@ class Windows:
 def train(
     preset: str,
     out: str,
-    tokens: str = "/tmp/tokens",
+    tokens: str = "runs/tokens",
     seed: int = 0,
     seqlen: int = 512,
     batch: int = 64,

@@ -105,6 +105,14 @@ def staged_directory(model: nn.Module, path, overwrite: bool = False):
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
     get_adapter(model)  # raises the "unsupported model type" error before anything is written
+    with staged_output(path) as staging:
+        yield staging
+
+
+@contextlib.contextmanager
+def staged_output(path: Path):
+    """Write into a hidden sibling of `path` and rename it to `path` at the end (replacing an old `path`);
+    the sibling is removed when the block fails, so no partial output ever carries the final name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir()

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import time
-import uuid
 from pathlib import Path
 
 import yaml
@@ -189,17 +187,10 @@ def check_output(out: Path, overwrite: bool, markers: tuple[str, ...], kind: str
 @contextlib.contextmanager
 def staged_directory(out: Path):
     """Write into a hidden sibling of `out` and rename it to `out` at the end (replacing an old `out` then)."""
-    from slimflow.checkpoint import replace_directory
+    from slimflow.checkpoint import staged_output
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
+    with staged_output(out) as staging:
         yield staging
-        replace_directory(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _max_positions(model: str) -> int | None:
