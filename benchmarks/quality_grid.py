@@ -60,6 +60,8 @@ def prepare(*, out: str, tokenizer: str = "../shared/models/ref-llama-27m", corp
 
     tok = load_tokenizer(tokenizer)
     tensors = {"eval": tokenize_texts(tok, read_text_file(corpus))[:EVAL_TOKENS].clone()}
+    # scoring windows for schedule choices: after the evaluation text, like `random` calibration (other seed)
+    tensors["holdout"] = calibration_ids(corpus, tok, 32, 512, seed=99, sampling="random", skip_tokens=SKIP)
     for sampling, n, length, seed in needed_calibration():
         n_, length_ = (min(n, 32), min(length, 128)) if small else (n, length)
         ids = calibration_ids(corpus, tok, n_, length_, seed=seed, sampling=sampling,
@@ -68,6 +70,41 @@ def prepare(*, out: str, tokenizer: str = "../shared/models/ref-llama-27m", corp
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.to(torch.int16 if int(v.max()) < 2**15 else torch.int32).contiguous() for k, v in tensors.items()}, out)
     print({k: tuple(v.shape) for k, v in tensors.items()})
+
+
+def drift_cells(models: list[str], reference: str = "ref-llama-27m") -> list[dict]:
+    """Drift correction against none, for every schedule shape, model, ratio and sampling; then seeds."""
+    out = []
+    for model in models:
+        for ratio in (0.2, 0.5):
+            for sampling in ("tail", "random"):
+                for schedule, spread in (("uniform", 4.0), ("log_increase", 2.0), ("log_increase", 4.0),
+                                         ("log_increase", 8.0), ("adaptive", 4.0)):
+                    for drift in (False, True):
+                        out.append(dict(group="drift", model=model, ratio=ratio, schedule=schedule, spread=spread,
+                                        sampling=sampling, drift=drift))
+    for seed in (1, 2):
+        for model in models:
+            for ratio in (0.2, 0.5):
+                for schedule in ("uniform", "log_increase", "adaptive"):
+                    for drift in (False, True):
+                        out.append(dict(group="seeds", model=model, ratio=ratio, schedule=schedule,
+                                        sampling="random", seed=seed, drift=drift))
+    return _defaults(out)
+
+
+def _defaults(out: list[dict]) -> list[dict]:
+    for c in out:
+        if c["schedule"] in VARIANTS:
+            c["schedule"], c["options"] = VARIANTS[c["schedule"]]
+        c.setdefault("seed", 0)
+        c.setdefault("num_samples", 128)
+        c.setdefault("seqlen", 512)
+        c.setdefault("damp", 0.01)
+        c.setdefault("options", {})
+        c.setdefault("spread", 4.0)
+        c.setdefault("drift", False)
+    return out
 
 
 def cells(models: list[str], reference: str = "ref-llama-27m", gqa: str | None = None) -> list[dict]:
@@ -101,15 +138,7 @@ def cells(models: list[str], reference: str = "ref-llama-27m", gqa: str | None =
             for length in (128, 2048):
                 out.append(dict(group="ablations", model=reference, ratio=ratio, schedule="adaptive",
                                 sampling="random", seqlen=length))
-    for c in out:
-        if c["schedule"] in VARIANTS:
-            c["schedule"], c["options"] = VARIANTS[c["schedule"]]
-        c.setdefault("seed", 0)
-        c.setdefault("num_samples", 128)
-        c.setdefault("seqlen", 512)
-        c.setdefault("damp", 0.01)
-        c.setdefault("options", {})
-    return out
+    return _defaults(out)
 
 
 def _perplexity(model, ids: torch.Tensor, windows: int, device) -> float:
@@ -121,7 +150,7 @@ def _perplexity(model, ids: torch.Tensor, windows: int, device) -> float:
 
 def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", budget_s: float = 1e9,
         windows: int = WINDOWS, groups: list[str] | None = None, reference: str = "ref-llama-27m",
-        gqa: str | None = None) -> list[dict]:
+        gqa: str | None = None, plan: str = "default") -> list[dict]:
     """Run the grid; `models` maps a short name to a model directory.
 
     Args:
@@ -134,6 +163,7 @@ def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", bu
         groups: cell groups to run (default all: main, seeds, variants, ablations).
         reference: name of the model that also gets seeds, ablations and the adaptive variant.
         gqa: name of the GQA model for the 65% stress cells (70% is beyond its floors).
+        plan: `default` (schedules, seeds, ablations) or `drift` (drift correction against none).
     """
     from safetensors.torch import load_file
 
@@ -146,6 +176,7 @@ def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", bu
     torch.backends.cuda.matmul.allow_tf32 = False
     tensors = {k: v.long() for k, v in load_file(data).items()}
     eval_ids = tensors.pop("eval")
+    holdout = tensors.pop("holdout", None)
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
     dense, rows = {}, []
@@ -160,7 +191,8 @@ def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", bu
     header = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "windows": windows, "window": WINDOW,
               "dense": {k: {"ppl": v["ppl"], "params": v["params"]} for k, v in dense.items()}}
-    todo = [c for c in cells(list(dense), reference, gqa) if c["model"] in dense and (groups is None or c["group"] in groups)]
+    planned = drift_cells(list(dense), reference) if plan == "drift" else cells(list(dense), reference, gqa)
+    todo = [c for c in planned if c["model"] in dense and (groups is None or c["group"] in groups)]
     for i, cell in enumerate(todo):
         if time.perf_counter() - started > budget_s:
             print(f"budget reached: {len(todo) - i} cells not run", flush=True)
@@ -172,13 +204,18 @@ def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", bu
         try:
             report = slimflow.prune(model, tensors[key], ratio=cell["ratio"], schedule=cell["schedule"],
                                     method="slimgpt", method_kwargs={"damp": cell["damp"]}, device=dev,
-                                    progress=False, schedule_options=cell["options"] or None, batch_size=16)
+                                    progress=False, schedule_options=cell["options"] or None, batch_size=16,
+                                    spread=cell["spread"], correct_drift=cell["drift"])
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             row["prune_s"] = round(time.perf_counter() - t, 2)
             row["removed"] = round(report.realised_fraction, 5)
             row["ppl"] = _perplexity(model, eval_ids, windows, dev)
             row["x_dense"] = row["ppl"] / dense[cell["model"]]["ppl"]
+            if holdout is not None:
+                from slimflow.evaluation.perplexity import perplexity_of_ids
+                row["holdout_ppl"] = perplexity_of_ids(model, holdout.reshape(-1), 512, batch_size=32,
+                                                       device=dev, progress=False)[0]
             row["widths"] = [(w.num_key_value_heads, w.intermediate_size) for w in report.widths]
         except Exception as err:  # recorded in the table: a failing default is a result too
             row["error"] = f"{type(err).__name__}: {err}"
@@ -204,7 +241,7 @@ def markdown(header: dict, rows: list[dict]) -> str:
         res = (f"{r['removed']:.2%} | {r['ppl']:.2f} | {r['x_dense']:.3f} | {r['prune_s']}" if "ppl" in r
                else f"– | {r['error']} | – | –")
         lines.append(f"| {r['group']} | {r['model']} | {r['ratio']} | {r['schedule']} | {r['sampling']} | {r['seed']} "
-                     f"| {r['num_samples']} × {r['seqlen']} | {r['damp']} | {json.dumps(r['options']) if r['options'] else ''} "
+                     f"| {r['num_samples']} × {r['seqlen']} | {r['damp']} | {_options(r)} "
                      f"| {res} |")
     spread = _seed_spread(rows)
     if spread:
@@ -212,6 +249,15 @@ def markdown(header: dict, rows: list[dict]) -> str:
                   "| model | ratio | schedule | PPL mean | std | seeds |", "|---|---:|---|---:|---:|---:|"]
         lines += [f"| {m} | {r} | {s} | {mu:.2f} | {sd:.2f} | {n} |" for (m, r, s), (mu, sd, n) in spread.items()]
     return "\n".join(lines) + "\n"
+
+
+def _options(r: dict) -> str:
+    extra = dict(r.get("options") or {})
+    if r.get("spread", 4.0) != 4.0:
+        extra["spread"] = r["spread"]
+    if r.get("drift"):
+        extra["correct_drift"] = True
+    return json.dumps(extra) if extra else ""
 
 
 def _seed_spread(rows: list[dict]) -> dict:

@@ -152,6 +152,7 @@ def prune(
     process_group=None,
     schedule_options: dict | None = None,
     layer_store=None,
+    correct_drift: bool = False,
 ) -> PruneReport:
     """Physically remove head units and FFN channels from `model`, in place.
 
@@ -189,6 +190,10 @@ def prune(
             channel-curve grid size), see `slimflow.allocation.adaptive_plan`.
         layer_store: where each decoder layer comes from and goes to (default: the layers in `model`, moved to
             `device` one at a time); `slimflow.streaming` passes one that reads and writes checkpoint shards.
+        correct_drift: each pruned projection starts from its least-squares refit to the dense model's
+            outputs (computed from the dense model's hidden states, carried through the layers alongside), so
+            each layer also compensates the error of the layers pruned before it. Costs one more forward of
+            every layer and a second copy of the calibration hidden states.
     """
     start = time.perf_counter()
     adapter = get_adapter(model)
@@ -241,7 +246,7 @@ def prune(
             layers = dp.broadcast_object(layers)  # one width plan everywhere, even from a method's own allocation
             results = prune_layers(model, adapter, shard, layers, pruner, dev, batch_size, progress,
                                    times=times, replay_attention=replay_attention, data_parallel=dp,
-                                   store=layer_store)
+                                   store=layer_store, correct_drift=correct_drift)
     finally:
         model.train(was_training)
     if use_cache is not None:
@@ -253,7 +258,7 @@ def prune(
         "num_samples": int(calibration.shape[0]), "seqlen": int(calibration.shape[1]), "batch_size": batch_size,
         "device": str(dev), "model_type": model.config.model_type,
         "decoder_ratio": layer_plan.decoder_ratio if schedule and schedule != ADAPTIVE else None,
-        "data_parallel": dp.world,
+        "data_parallel": dp.world, "correct_drift": correct_drift,
     }
     if allocation_info is not None:
         settings["schedule_options"] = schedule_options or {}

@@ -113,10 +113,15 @@ class DataParallel:
             return
         acc.hessian.mul_(acc.num_sequences)
         self.sum_(acc.hessian)
+        if acc.cross is not None:
+            acc.cross.mul_(acc.num_sequences)
+            self.sum_(acc.cross)
         self.sum_(acc.sum)
         sequences, tokens = self.sum_numbers(acc.num_sequences, acc.num_tokens)
         acc.num_sequences, acc.num_tokens = int(sequences), int(tokens)
         acc.hessian.div_(max(acc.num_sequences, 1))
+        if acc.cross is not None:
+            acc.cross.div_(max(acc.num_sequences, 1))
 
     # ------------------------------------------------------------------------------------------ decisions
     def broadcast_decision(self, decision):

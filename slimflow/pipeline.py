@@ -11,6 +11,7 @@ while those passes run). Only the current layer needs to be on `device`; see doc
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 from slimflow import surgery
 from slimflow.adapters import ModelAdapter
 from slimflow.algorithms.hessian import HessianAccumulator
-from slimflow.algorithms.obs import output_error
+from slimflow.algorithms.obs import output_error, refit_to_dense
 from slimflow.algorithms.schedules import LayerPlan
 from slimflow.distributed import DataParallel
 from slimflow.methods.base import Decision, PruningMethod
@@ -104,6 +105,7 @@ class LayerInputs:
 
     hidden: torch.Tensor
     calls: list[dict[int, dict]]
+    dense: torch.Tensor | None = None  # the dense model's hidden states at the same layer (drift correction)
 
     def kwargs(self, index: int, batch_size: int) -> dict:
         return self.calls[index][batch_size]
@@ -227,14 +229,22 @@ def _batches(inputs: LayerInputs, index: int, batch_size: int, replay: _Attentio
 
 def _run_to(layer: nn.Module, index: int, module: nn.Module, inputs: LayerInputs, batch_size: int,
             stats: HessianAccumulator, adapter: ModelAdapter, replay: _AttentionReplay | None = None,
-            record: tuple[nn.Module, torch.Tensor] | None = None) -> None:
+            record: tuple[nn.Module, torch.Tensor] | None = None,
+            dense: tuple[nn.Module, nn.Module] | None = None) -> None:
     """Feed all sequences through `layer` until `module`, accumulating statistics of `module`'s input.
 
-    `replay` stands in for the attention block; `record=(m, buffer)` stores the inputs of module `m` in `buffer`."""
+    `replay` stands in for the attention block; `record=(m, buffer)` stores the inputs of module `m` in `buffer`;
+    `dense=(dense_layer, its module)` also runs the unpruned copy of the layer on the dense model's hidden states
+    (`inputs.dense`) so that the statistics get the cross term against the dense inputs of `module`."""
     span = [0, 0]
+    seen: dict = {}
 
     def stop_at(mod, args):
-        stats.add(args[0])
+        stats.add(args[0], dense=seen.pop("dense", None))
+        raise _Stop
+
+    def keep_dense(mod, args):
+        seen["dense"] = args[0]
         raise _Stop
 
     handles = []
@@ -242,10 +252,17 @@ def _run_to(layer: nn.Module, index: int, module: nn.Module, inputs: LayerInputs
         rec_module, buffer = record
         handles.append(rec_module.register_forward_pre_hook(lambda m, a: buffer[span[0] : span[1]].copy_(a[0])))
     handles.append(module.register_forward_pre_hook(stop_at))
+    if dense is not None:
+        handles.append(dense[1].register_forward_pre_hook(keep_dense))
     try:
         with _maybe_replay(replay, adapter, layer):
             for start, stop, batch, kwargs in _batches(inputs, index, batch_size, replay):
                 span[:] = [start, stop]
+                if dense is not None:
+                    try:
+                        dense[0](inputs.dense[start:stop], **kwargs)
+                    except _Stop:
+                        pass
                 try:
                     layer(batch, **kwargs)
                 except _Stop:
@@ -256,10 +273,14 @@ def _run_to(layer: nn.Module, index: int, module: nn.Module, inputs: LayerInputs
 
 
 def _propagate(layer: nn.Module, index: int, inputs: LayerInputs, batch_size: int, adapter: ModelAdapter,
-               replay: _AttentionReplay | None = None) -> None:
-    """Overwrite `inputs.hidden` with the (pruned) layer's outputs: the next layer's calibration inputs."""
+               replay: _AttentionReplay | None = None, dense_layer: nn.Module | None = None) -> None:
+    """Overwrite `inputs.hidden` with the (pruned) layer's outputs: the next layer's calibration inputs;
+    with `dense_layer`, `inputs.dense` likewise with the unpruned layer's outputs on the dense hidden states."""
     with _maybe_replay(replay, adapter, layer):
         for start, stop, batch, kwargs in _batches(inputs, index, batch_size, replay):
+            if dense_layer is not None:
+                out = dense_layer(inputs.dense[start:stop], **kwargs)
+                inputs.dense[start:stop] = out[0] if isinstance(out, tuple) else out
             out = layer(batch, **kwargs)
             inputs.hidden[start:stop] = out[0] if isinstance(out, tuple) else out
 
@@ -305,7 +326,19 @@ class _LayerJob:
     unit_size: int
     replay_attention: bool = True
     data_parallel: DataParallel = field(default_factory=DataParallel.local)
+    correct_drift: bool = False
     replay: _AttentionReplay | None = None
+    dense_layer: nn.Module | None = None  # unpruned copy of the layer (drift correction)
+
+    def dense_pair(self, find) -> tuple[nn.Module, nn.Module] | None:
+        return None if self.dense_layer is None else (self.dense_layer, find(self.dense_layer))
+
+    def start_weight(self, linear: nn.Linear, stats: HessianAccumulator) -> torch.Tensor:
+        """The weight the method prunes: the projection's own, or its refit to the dense model's outputs."""
+        weight = linear.weight.detach().to(self.stats_dtype)
+        if stats.cross is None:
+            return weight
+        return refit_to_dense(weight, stats.hessian.to(self.stats_dtype), stats.cross.to(self.stats_dtype))
 
     def attention_buffer(self, o_proj: nn.Linear) -> tuple[nn.Module, torch.Tensor]:
         hidden = self.inputs.hidden
@@ -317,15 +350,19 @@ def _start_layer(model, adapter, inputs, index, layer, plan, last, settings: dic
     channels = adapter.layer_intermediate(layer)
     result = LayerResult(index, plan.ratio, heads, list(range(kv)), channels, list(range(channels)),
                          surgery.LayerWidths(heads, kv, channels))
-    return _LayerJob(model, adapter, inputs=inputs, index=index, layer=layer, plan=plan, last=last, result=result,
-                     unit_size=(heads // kv) * adapter.head_dim(model), **settings)
+    job = _LayerJob(model, adapter, inputs=inputs, index=index, layer=layer, plan=plan, last=last, result=result,
+                    unit_size=(heads // kv) * adapter.head_dim(model), **settings)
+    if job.correct_drift:
+        job.dense_layer = copy.deepcopy(layer)
+    return job
 
 
-def _collect_statistics(job: _LayerJob, module: nn.Linear, name: str, record=None) -> HessianAccumulator:
+def _collect_statistics(job: _LayerJob, module: nn.Linear, name: str, record=None, dense=None) -> HessianAccumulator:
     """Input statistics of `module` over all calibration sequences (pass (1) or (2))."""
     with _timed(job.times, "statistics", job.device):
         stats = HessianAccumulator(module.in_features, job.device, job.stats_dtype)
-        _run_to(job.layer, job.index, module, job.inputs, job.batch_size, stats, job.adapter, job.replay, record)
+        _run_to(job.layer, job.index, module, job.inputs, job.batch_size, stats, job.adapter, job.replay, record,
+                dense)
         job.data_parallel.reduce_hessian(stats)  # this rank's sequences -> all sequences
         stats.check_finite(f"layer {job.index} {name}")
     return stats
@@ -343,9 +380,9 @@ def _remove_head_units(job: _LayerJob) -> None:
     o_proj = job.adapter.o_proj(job.layer)
     later_pass = job.plan.remove_channels or not job.last
     record = job.attention_buffer(o_proj) if job.replay_attention and later_pass else None
-    stats = _collect_statistics(job, o_proj, "o_proj", record)
+    stats = _collect_statistics(job, o_proj, "o_proj", record, job.dense_pair(job.adapter.o_proj))
     with _timed(job.times, "selection", job.device):
-        old = o_proj.weight.detach().to(job.stats_dtype)
+        old = job.start_weight(o_proj, stats)
         decision = job.data_parallel.broadcast_decision(
             job.method.prune_heads(old, stats, job.unit_size, job.plan.remove_units))
         cols = _unit_columns(decision.removed, job.unit_size).tolist()
@@ -366,11 +403,11 @@ def _remove_channels(job: _LayerJob) -> None:
     record = None
     if job.replay_attention and job.replay is None and not job.last:  # no head pass: keep this pass's attention outputs for pass (3)
         record = job.attention_buffer(job.adapter.o_proj(job.layer))
-    stats = _collect_statistics(job, down, "down_proj", record)
+    stats = _collect_statistics(job, down, "down_proj", record, job.dense_pair(job.adapter.down_proj))
     if record is not None:
         job.replay = _AttentionReplay(record[0], record[1])
     with _timed(job.times, "selection", job.device):
-        old = down.weight.detach().to(job.stats_dtype)
+        old = job.start_weight(down, stats)
         decision = job.data_parallel.broadcast_decision(job.method.prune_channels(old, stats, job.plan.remove_channels))
         job.result.ffn_error, job.result.ffn_error_uncompensated = _record_errors(job, old, decision, decision.removed,
                                                                            stats)
@@ -385,8 +422,9 @@ def _propagate_outputs(job: _LayerJob) -> None:
     """Pass (3): the pruned layer's outputs become the next layer's inputs."""
     with _timed(job.times, "propagate", job.device):
         if not job.last:
-            _propagate(job.layer, job.index, job.inputs, job.batch_size, job.adapter, job.replay)
+            _propagate(job.layer, job.index, job.inputs, job.batch_size, job.adapter, job.replay, job.dense_layer)
         job.replay = None
+        job.dense_layer = None
 
 
 def _finish_layer(job: _LayerJob) -> LayerResult:
@@ -414,7 +452,7 @@ def prune_layers(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tenso
                  method: PruningMethod, device: torch.device, batch_size: int = 8, progress: bool = True,
                  stats_dtype: torch.dtype = torch.float32, times: PhaseTimes | None = None,
                  replay_attention: bool = True, data_parallel: DataParallel | None = None,
-                 store=None) -> list[LayerResult]:
+                 store=None, correct_drift: bool = False) -> list[LayerResult]:
     """Prune every decoder layer in place according to `plans`; returns one `LayerResult` per layer.
 
     `replay_attention=False` recomputes attention in passes (2) and (3) instead of replaying the stored
@@ -425,14 +463,21 @@ def prune_layers(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tenso
     own sequences to the next layer.
 
     `store` (default `ResidentLayers()`) brings each layer onto `device` before its turn and takes it back after
-    (`slimflow.streaming` reads it from the checkpoint and writes it out)."""
+    (`slimflow.streaming` reads it from the checkpoint and writes it out).
+
+    `correct_drift=True` also carries the dense model's hidden states through the layers and has each pruned
+    projection start from its refit to the dense model's outputs (`refit_to_dense`), so every layer undoes
+    part of the error that the layers before it introduced, instead of only preserving its own outputs."""
     times = times or PhaseTimes()
     store = store or ResidentLayers()
     layers = adapter.layers(model)
     with _timed(times, "capture", device):
         inputs = capture_layer_inputs(model, adapter, input_ids, batch_size, device)
+        if correct_drift:
+            inputs.dense = inputs.hidden.clone()
     settings = dict(method=method, batch_size=batch_size, device=device, stats_dtype=stats_dtype, times=times,
-                    replay_attention=replay_attention, data_parallel=data_parallel or DataParallel.local())
+                    replay_attention=replay_attention, data_parallel=data_parallel or DataParallel.local(),
+                    correct_drift=correct_drift)
     results = []
     bar = tqdm(total=len(layers), desc="pruning layers", unit="layer", disable=not progress)
     for index, (layer, plan) in enumerate(zip(layers, plans)):

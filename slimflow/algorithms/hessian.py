@@ -22,14 +22,23 @@ class HessianAccumulator:
         self.sum = torch.zeros(dim, device=device, dtype=dtype)
         self.num_sequences = 0
         self.num_tokens = 0
+        # `C = (2/n) Σ_s X̂_sᵀ X_s` with X̂ the dense model's inputs of the same tokens (drift correction only)
+        self.cross: torch.Tensor | None = None
 
     @torch.no_grad()
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, dense: torch.Tensor | None = None) -> None:
+        """Add the inputs `x` of a batch; `dense` (same shape) are the dense model's inputs for the same tokens."""
         if x.shape[-1] != self.dim:
             raise ValueError(f"expected inputs with last dim {self.dim}, got {tuple(x.shape)}")
         batch = x.shape[0] if x.dim() > 2 else 1
         x = x.reshape(-1, self.dim).to(device=self.hessian.device)
         total = self.num_sequences + batch
+        if dense is not None:
+            d = dense.reshape(-1, self.dim).to(device=self.hessian.device, dtype=self.dtype)
+            if self.cross is None:
+                self.cross = torch.zeros_like(self.hessian)
+            self.cross.mul_(self.num_sequences / total)
+            self.cross.addmm_(d.t(), x.to(self.dtype), alpha=2.0 / total)
         if _tensor_core_exact(x, self.hessian):
             self.hessian = torch.addmm(self.hessian, x.t(), x, out_dtype=self.dtype,
                                        beta=self.num_sequences / total, alpha=2.0 / total)

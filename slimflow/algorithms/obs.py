@@ -56,6 +56,28 @@ def invert_hessian(hessian: torch.Tensor, damp: float = 0.01, max_tries: int = 6
     )
 
 
+def refit_to_dense(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """The weight that best reproduces the dense model's outputs from the pruned model's inputs.
+
+    Minimises `‖W' X − W X̂‖²` (+ damping) over `W'`, where `X` are this projection's inputs in the partly pruned
+    model and `X̂` the dense model's inputs for the same tokens: `W' = W C (H + λ·mean(diag H)·I)⁻¹` with
+    `H = XᵀX`, `C = X̂ᵀX` (both with the accumulator's 2/n scale). With `X = X̂` it returns `W` up to the damping.
+    OBS removal then starts from `W'`: its quadratic error around `W'` is exactly the increase of that objective.
+    """
+    h, dead = condition_hessian(hessian, None, damp)
+    rhs = (weight @ cross).t()  # [d_in, d_out]
+    for attempt in range(6):
+        chol, info = torch.linalg.cholesky_ex(h)
+        if int(info) == 0:
+            refit = torch.cholesky_solve(rhs, chol).t()
+            refit[:, dead] = 0
+            return refit
+        h = h + max(damp, 1e-4) * 10 ** (attempt + 1) * torch.diagonal(h).mean() * torch.eye(
+            h.shape[0], device=h.device, dtype=h.dtype)
+    raise SingularHessianError("the input Hessian stays singular while refitting to the dense outputs: use more or "
+                               "longer calibration sequences or turn correct_drift off")
+
+
 def obs_remove(weight: torch.Tensor, hinv: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Remove input columns `cols` of `weight` with joint OBS compensation.
 
