@@ -93,6 +93,31 @@ def drift_cells(models: list[str], reference: str = "ref-llama-27m") -> list[dic
     return _defaults(out)
 
 
+def search_cells(models: list[str], reference: str = "ref-llama-27m") -> list[dict]:
+    """The adaptive schedule (cost curves + search over allocations scored on held-out calibration sequences)
+    against uniform, log_increase and the cost plan alone; seeds; the search's own settings on `reference`."""
+    shapes = (("uniform", {}), ("log_increase", {}), ("adaptive", {}), ("adaptive", {"search": False}))
+    out = []
+    for model in models:
+        for ratio in (0.2, 0.5):
+            for sampling in ("tail", "random"):
+                for schedule, options in shapes:
+                    out.append(dict(group="main", model=model, ratio=ratio, schedule=schedule, sampling=sampling,
+                                    options=options))
+    for seed in (1, 2):
+        for model in models:
+            for ratio in (0.2, 0.5):
+                for schedule, options in shapes[:3]:
+                    out.append(dict(group="seeds", model=model, ratio=ratio, schedule=schedule, sampling="random",
+                                    seed=seed, options=options))
+    if reference in models:
+        for ratio in (0.2, 0.5):
+            for sampling in ("tail", "random"):
+                out.append(dict(group="ablations", model=reference, ratio=ratio, schedule="adaptive",
+                                sampling=sampling, options={"search_samples": 64, "holdout": 32}))
+    return _defaults(out)
+
+
 def _defaults(out: list[dict]) -> list[dict]:
     for c in out:
         if c["schedule"] in VARIANTS:
@@ -163,7 +188,8 @@ def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", bu
         groups: cell groups to run (default all: main, seeds, variants, ablations).
         reference: name of the model that also gets seeds, ablations and the adaptive variant.
         gqa: name of the GQA model for the 65% stress cells (70% is beyond its floors).
-        plan: `default` (schedules, seeds, ablations) or `drift` (drift correction against none).
+        plan: `default` (schedules, seeds, ablations), `drift` (drift correction against none) or `search` (the
+            adaptive schedule with its search against the fixed shapes).
     """
     from safetensors.torch import load_file
 
@@ -191,7 +217,8 @@ def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", bu
     header = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "windows": windows, "window": WINDOW,
               "dense": {k: {"ppl": v["ppl"], "params": v["params"]} for k, v in dense.items()}}
-    planned = drift_cells(list(dense), reference) if plan == "drift" else cells(list(dense), reference, gqa)
+    planned = {"drift": drift_cells, "search": search_cells}[plan](list(dense), reference) if plan != "default" \
+        else cells(list(dense), reference, gqa)
     todo = [c for c in planned if c["model"] in dense and (groups is None or c["group"] in groups)]
     for i, cell in enumerate(todo):
         if time.perf_counter() - started > budget_s:
@@ -217,6 +244,10 @@ def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", bu
                 row["holdout_ppl"] = perplexity_of_ids(model, holdout.reshape(-1), 512, batch_size=32,
                                                        device=dev, progress=False)[0]
             row["widths"] = [(w.num_key_value_heads, w.intermediate_size) for w in report.widths]
+            search = report.settings.get("allocation", {}).get("search")
+            if search:
+                row["search"] = {k: search[k] for k in ("chosen", "score", "scores")}
+            row["times"] = report.phase_times
         except Exception as err:  # recorded in the table: a failing default is a result too
             row["error"] = f"{type(err).__name__}: {err}"
         del model

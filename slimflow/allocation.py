@@ -12,6 +12,7 @@ See docs/engine.md ("Adaptive allocation").
 
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
@@ -23,12 +24,13 @@ from slimflow.algorithms.allocation import CostCurve, channel_cost_curve, channe
 from slimflow.algorithms.hessian import HessianAccumulator
 from slimflow.algorithms.obs import condition_hessian, invert_hessian
 from slimflow.algorithms.schedules import LayerPlan, LayerShape, ScheduleError, layer_limits
-from slimflow.pipeline import _propagate, capture_layer_inputs
+from slimflow.pipeline import _propagate, capture_layer_inputs, prune_layers
 
 NORMALIZATIONS = ("gradient", "residual", "none")
 
 
-OPTIONS = ("normalize", "points")
+OPTIONS = ("normalize", "points", "search", "search_samples", "holdout", "score")
+SCORES = ("kl", "loss")
 
 
 def check_schedule_options(schedule: str | None, options: dict | None) -> None:
@@ -43,6 +45,12 @@ def check_schedule_options(schedule: str | None, options: dict | None) -> None:
     if options.get("normalize", "gradient") not in NORMALIZATIONS:
         raise ScheduleError(f"unknown normalize={options['normalize']!r} for the adaptive schedule; choose one of "
                             f"{', '.join(NORMALIZATIONS)}")
+    if options.get("score", "kl") not in SCORES:
+        raise ScheduleError(f"unknown score={options['score']!r} for the adaptive schedule; choose one of "
+                            f"{', '.join(SCORES)}")
+    for name in ("search_samples", "holdout"):
+        if name in options and (not isinstance(options[name], int) or options[name] < 1):
+            raise ScheduleError(f"adaptive schedule option {name} must be a positive integer, got {options[name]!r}")
 
 
 def residual_gradient_energy(model: nn.Module, adapter: ModelAdapter, calibration: torch.Tensor,
@@ -174,20 +182,96 @@ def allocate(head_curves: list[CostCurve], channel_curves: list[CostCurve], ener
     return plans
 
 
+@torch.no_grad()
+def holdout_score(model: nn.Module, ids: torch.Tensor, batch_size: int = 8, dense: nn.Module | None = None) -> float:
+    """Per token on the sequences `ids`: the next-token loss of `model`, or with `dense` the KL divergence
+    `KL(p_dense ‖ p_model)` of its next-token distributions from the dense model's. Both models run where
+    they are."""
+    home = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, ids.shape[0], batch_size):
+        batch = ids[start : start + batch_size].to(home)
+        logp = torch.log_softmax(model(input_ids=batch, use_cache=False).logits[:, :-1].float(), dim=-1)
+        if dense is None:
+            total += -float(logp.gather(-1, batch[:, 1:, None]).sum())
+        else:
+            ref = dense(input_ids=batch.to(next(dense.parameters()).device), use_cache=False).logits[:, :-1]
+            ref = torch.log_softmax(ref.float().to(home), dim=-1)
+            total += float((ref.exp() * (ref - logp)).sum())
+        count += batch[:, 1:].numel()
+    return total / max(count, 1)
+
+
+def search_split(num_samples: int, search_samples: int = 32, holdout: int = 16) -> tuple[int, int] | None:
+    """How many calibration sequences prune and how many score each candidate (held out from its pruning);
+    None when the calibration set is too small to hold any out (fewer than 4 sequences)."""
+    held = min(holdout, num_samples // 4)
+    if held < 1:
+        return None
+    return min(search_samples, num_samples - held), held
+
+
+def search_plans(model: nn.Module, adapter: ModelAdapter, calibration: torch.Tensor,
+                 candidates: dict[str, list[LayerPlan]], method, device: torch.device, batch_size: int = 8,
+                 search_samples: int = 32, holdout: int = 16, score: str = "kl",
+                 progress: bool = True) -> tuple[str, dict[str, float]]:
+    """The candidate plan whose pruned model stays closest to the dense model on held-out calibration sequences.
+
+    Each candidate prunes a copy of `model` with the first `search_samples` calibration sequences (the same
+    method, sequentially, as the final pass) and is scored on the last `holdout` sequences, which no candidate
+    saw: by the KL divergence of its next-token distributions from the dense model's (`score="kl"`) or by its
+    next-token loss (`"loss"`). Ties keep the earlier candidate. Returns the name and every score. The dense
+    model is moved to `device` for the scoring and back."""
+    pruning, held = search_split(calibration.shape[0], search_samples, holdout)
+    train, scored = calibration[:pruning], calibration[calibration.shape[0] - held:]
+    home = next(model.parameters()).device
+    scores = {}
+    for name, plans in tqdm(list(candidates.items()), desc="scoring allocations", unit="plan", disable=not progress):
+        trial = copy.deepcopy(model)
+        prune_layers(trial, adapter, train, plans, method, device, batch_size, progress=False)
+        try:
+            scores[name] = holdout_score(trial.to(device), scored, batch_size,
+                                         model.to(device) if score == "kl" else None)
+        finally:
+            model.to(home)
+        del trial
+    best = min(scores, key=lambda k: (scores[k], list(scores).index(k)))
+    return best, scores
+
+
 def adaptive_plan(model: nn.Module, adapter: ModelAdapter, calibration: torch.Tensor, shapes: list[LayerShape],
                   target_params: float, channel_multiple: int, max_ratio: float | None, device: torch.device,
                   batch_size: int = 8, damp: float = 0.01, normalize: str = "gradient", points: int = 64,
                   exact_head_score: bool = False, progress: bool = True,
-                  times: dict | None = None) -> tuple[list[LayerPlan], dict]:
-    """The adaptive schedule's per-layer plan for `target_params` parameters, and what it measured."""
+                  times: dict | None = None, search: bool = True, search_samples: int = 32, holdout: int = 16,
+                  score: str = "kl", fixed_plans: dict[str, list[LayerPlan]] | None = None, method=None) -> tuple[list[LayerPlan], dict]:
+    """The adaptive schedule's per-layer plan for `target_params` parameters, and what it measured.
+
+    With `search` (default) the plans from the measured costs (both normalisations) and `fixed_plans` (the fixed
+    shapes at the same budget) are candidates, and `search_plans` keeps the one that scores best on held-out
+    calibration sequences; without it (or without a method to prune the candidates with) the cost plan of
+    `normalize` is the answer."""
     t = time.perf_counter()
-    gradients = residual_gradient_energy(model, adapter, calibration, batch_size) if normalize == "gradient" else None
+    want_gradients = normalize == "gradient" or search
+    gradients = residual_gradient_energy(model, adapter, calibration, batch_size) if want_gradients else None
     heads, channels, energies = measure_cost_curves(model, adapter, calibration, shapes, channel_multiple, max_ratio,
                                                     device, batch_size, damp, points, exact_head_score, progress)
     plans = allocate(heads, channels, energies, shapes, target_params, normalize, gradients)
-    if times is not None:
-        times["allocation"] = round(time.perf_counter() - t, 4)
     info = {"normalize": normalize, "residual_energy": energies, "gradient_energy": gradients,
             "head_curves": [h.costs for h in heads], "channel_counts": [c.counts for c in channels],
             "channel_curves": [c.costs for c in channels]}
+    if search and method is not None and search_split(calibration.shape[0], search_samples, holdout):
+        candidates = {f"cost:{normalize}": plans}
+        for other in ("gradient", "residual"):
+            if other != normalize:
+                candidates[f"cost:{other}"] = allocate(heads, channels, energies, shapes, target_params, other,
+                                                       gradients)
+        candidates |= fixed_plans or {}
+        chosen, scores = search_plans(model, adapter, calibration, candidates, method, device, batch_size,
+                                      search_samples, holdout, score, progress)
+        plans = candidates[chosen]
+        info["search"] = {"chosen": chosen, "score": score, "scores": scores,
+                          "split": list(search_split(calibration.shape[0], search_samples, holdout))}
+    if times is not None:
+        times["allocation"] = round(time.perf_counter() - t, 4)
     return plans, info

@@ -12,7 +12,7 @@ from slimflow import surgery
 from slimflow import distributed
 from slimflow.adapters import ModelAdapter, get_adapter
 from slimflow.allocation import adaptive_plan, check_schedule_options
-from slimflow.algorithms.schedules import ADAPTIVE, LayerShape, Plan, plan_layers
+from slimflow.algorithms.schedules import ADAPTIVE, LayerShape, Plan, ScheduleError, plan_layers
 from slimflow.methods import get_method
 from slimflow.methods.base import Budget
 from slimflow.methods.common import check_schedule
@@ -126,6 +126,22 @@ def plan(model: nn.Module, ratio: float, schedule: str = "log_increase", referen
                        channel_multiple, already_removed=reference_params - current)
 
 
+# The fixed shapes the adaptive schedule's search also scores (name, spread).
+SEARCHED_SHAPES = (("uniform", 1.0), ("log_increase", 2.0), ("log_increase", 4.0), ("log_increase", 8.0))
+
+
+def _fixed_shape_plans(model, ratio, reference_params, max_layer_ratio, channel_multiple) -> dict:
+    """The fixed shapes of `SEARCHED_SHAPES` at the requested budget (those the floors allow)."""
+    plans = {}
+    for name, spread in SEARCHED_SHAPES:
+        try:
+            layers = plan(model, ratio, name, reference_params, spread, max_layer_ratio, channel_multiple).layers
+        except ScheduleError:
+            continue
+        plans[name if name == "uniform" else f"{name}:{spread:g}"] = layers
+    return plans
+
+
 def _resolve_device(device, model) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda") if torch.cuda.is_available() else next(model.parameters()).device
@@ -236,11 +252,13 @@ def prune(
             layers = pruner.prepare(model, adapter, shard, budget, dev, batch_size)
             times.extra["prepare"] = round(time.perf_counter() - t, 4)
             if layers is None and schedule == ADAPTIVE:
+                fixed = _fixed_shape_plans(model, ratio, reference_params, max_layer_ratio, channel_multiple)
                 layers, allocation_info = adaptive_plan(
                     model, adapter, calibration, budget.shapes, budget.target_params, channel_multiple,
                     max_layer_ratio, dev, batch_size, damp=getattr(pruner, "damp", 0.01),
                     exact_head_score=getattr(pruner, "exact_head_score", False), progress=progress,
-                    times=times.extra, **(schedule_options or {}))
+                    times=times.extra, fixed_plans=fixed, method=pruner if layer_store is None else None,
+                    **(schedule_options or {}))
             if layers is None:
                 layers = layer_plan.layers
             layers = dp.broadcast_object(layers)  # one width plan everywhere, even from a method's own allocation

@@ -23,7 +23,7 @@ def test_adaptive_hits_the_ratio_within_the_floors(family, ratio, multiple):
     model = tiny_model(family)
     shapes = layer_shapes(model, get_adapter(model))
     report = slimflow.prune(model, _ids(), ratio=ratio, schedule="adaptive", channel_multiple=multiple,
-                            progress=False)
+                            progress=False, schedule_options={"search": False})
     assert abs(report.realised_fraction - ratio) <= 0.005
     for result, shape in zip(report.layers, shapes):
         max_units, max_channels = layer_limits(shape, multiple)
@@ -40,7 +40,8 @@ def test_adaptive_takes_from_the_layer_that_costs_least():
     model = tiny_model("llama", num_hidden_layers=4)
     with torch.no_grad():  # layer 2's FFN barely writes to the residual stream: its channels are nearly free
         model.model.layers[2].mlp.down_proj.weight.mul_(1e-3)
-    report = slimflow.prune(model, _ids(), ratio=0.25, schedule="adaptive", progress=False)
+    report = slimflow.prune(model, _ids(), ratio=0.25, schedule="adaptive", progress=False,
+                            schedule_options={"search": False})
     channels = [r.widths.intermediate_size for r in report.layers]
     assert channels[2] == min(channels) and channels[2] <= 4  # at or next to its floor of 2
     uniform = slimflow.prune(tiny_model("llama", num_hidden_layers=4), _ids(), ratio=0.25, schedule="uniform",
@@ -52,7 +53,7 @@ def test_adaptive_serves_other_layer_wise_methods_and_checks_options_first():
     model = tiny_model("llama_gqa", num_hidden_layers=3)
     report = slimflow.prune(model, _ids(), ratio=0.3, schedule="adaptive", method="wanda-sp", progress=False)
     assert abs(report.realised_fraction - 0.3) <= 0.005
-    with pytest.raises(ScheduleError, match="known: normalize, points"):
+    with pytest.raises(ScheduleError, match="known: normalize, points, search"):
         slimflow.prune(tiny_model(), _ids(), ratio=0.3, schedule="adaptive", schedule_options={"norm": "x"})
     with pytest.raises(ScheduleError, match="adaptive schedule only"):
         slimflow.prune(tiny_model(), _ids(), ratio=0.3, schedule="uniform", schedule_options={"normalize": "none"})

@@ -1,0 +1,91 @@
+"""The adaptive schedule's search: candidate allocations pruned on part of the calibration set and scored on
+held-out calibration sequences against the dense model."""
+
+import copy
+
+import pytest
+import torch
+
+import slimflow
+from slimflow import allocation
+from slimflow.adapters import get_adapter
+from slimflow.algorithms.schedules import ScheduleError
+from slimflow.api import plan
+from slimflow.methods import get_method
+from slimflow.pipeline import prune_layers
+from tests.tiny_models import tiny_model
+
+
+def _ids(n=16, length=24, seed=0):
+    return torch.randint(3, 128, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_kl_score_matches_a_float64_reference_and_vanishes_for_the_dense_model():
+    dense, other = tiny_model("llama"), tiny_model("llama", seed=1)
+    ids = _ids(5, 12)
+    got = allocation.holdout_score(other, ids, batch_size=2, dense=dense)
+    with torch.no_grad():
+        p = torch.log_softmax(dense(ids).logits[:, :-1].double(), -1)
+        q = torch.log_softmax(other(ids).logits[:, :-1].double(), -1)
+    expected = torch.nn.functional.kl_div(q, p, log_target=True, reduction="sum") / (5 * 11)
+    assert got == pytest.approx(float(expected), rel=1e-4)
+    assert allocation.holdout_score(dense, ids, batch_size=2, dense=dense) == pytest.approx(0.0, abs=1e-6)
+    # the loss score is the mean next-token cross-entropy
+    with torch.no_grad():
+        ce = torch.nn.functional.cross_entropy(dense(ids).logits[:, :-1].reshape(-1, 128), ids[:, 1:].reshape(-1))
+    assert allocation.holdout_score(dense, ids, batch_size=3) == pytest.approx(float(ce), rel=1e-5)
+
+
+def test_search_keeps_the_candidate_closest_to_the_dense_model_on_held_out_sequences(monkeypatch):
+    model = tiny_model("llama_gqa", num_hidden_layers=3)
+    adapter, ids = get_adapter(model), _ids(16)
+    candidates = {name: plan(model, 0.35, name, spread=spread).layers
+                  for name, spread in (("uniform", 1.0), ("log_increase", 8.0), ("linear", 4.0))}
+    seen = []
+    real = allocation.prune_layers
+    monkeypatch.setattr(allocation, "prune_layers", lambda m, a, x, *rest, **kw: (seen.append(x), real(m, a, x, *rest,
+                                                                                                           **kw))[1])
+    chosen, scores = allocation.search_plans(model, adapter, ids, candidates, get_method("slimgpt"),
+                                             torch.device("cpu"), batch_size=4, search_samples=8, holdout=4,
+                                             progress=False)
+    # each candidate pruned on the first 8 sequences; the last 4 (never pruned on) score it
+    assert all(torch.equal(x, ids[:8]) for x in seen) and len(seen) == 3
+    expected = {}
+    for name, plans in candidates.items():  # brute force: prune a copy, KL on the held-out rows
+        trial = copy.deepcopy(model)
+        prune_layers(trial, adapter, ids[:8], plans, get_method("slimgpt"), torch.device("cpu"), 4, progress=False)
+        with torch.no_grad():
+            p = torch.log_softmax(model(ids[12:]).logits[:, :-1].double(), -1)
+            q = torch.log_softmax(trial(ids[12:]).logits[:, :-1].double(), -1)
+        expected[name] = float((p.exp() * (p - q)).sum(-1).mean())
+    assert scores == pytest.approx(expected, rel=1e-4)
+    assert chosen == min(expected, key=expected.get)
+    assert len(set(round(v, 6) for v in expected.values())) == 3  # the choice is not a tie
+
+
+def test_default_adaptive_records_its_search_and_hits_the_ratio():
+    model = tiny_model("qwen2")
+    report = slimflow.prune(model, _ids(16, 32), ratio=0.4, schedule="adaptive", progress=False)
+    search = report.settings["allocation"]["search"]
+    assert set(search["scores"]) >= {"cost:gradient", "cost:residual", "uniform", "log_increase:4"}
+    assert search["chosen"] == min(search["scores"], key=search["scores"].get)
+    assert search["split"] == [12, 4] and search["score"] == "kl"
+    assert abs(report.realised_fraction - 0.4) <= 0.005
+    # without the search the plan is the cost plan, and nothing is scored
+    off = slimflow.prune(tiny_model("qwen2"), _ids(16, 32), ratio=0.4, schedule="adaptive", progress=False,
+                         schedule_options={"search": False})
+    assert "search" not in off.settings["allocation"]
+
+
+def test_too_few_sequences_to_hold_out_falls_back_to_the_cost_plan():
+    report = slimflow.prune(tiny_model("llama"), _ids(3, 24), ratio=0.3, schedule="adaptive", progress=False)
+    assert "search" not in report.settings["allocation"]
+    assert allocation.search_split(3) is None and allocation.search_split(128) == (32, 16)
+    assert allocation.search_split(20, 32, 16) == (15, 5)
+
+
+@pytest.mark.parametrize("options,match", [({"score": "ppl"}, "choose one of kl, loss"),
+                                           ({"holdout": 0}, "holdout must be a positive integer")])
+def test_bad_search_options_fail_before_any_work(options, match):
+    with pytest.raises(ScheduleError, match=match):
+        slimflow.prune(tiny_model(), _ids(), ratio=0.3, schedule="adaptive", schedule_options=options)
