@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Sampler
 
-from slimflow.lightning.access import is_local_path, require_local
-from slimflow.errors import InvalidValueError
+from slimflow.data.text import read_records
+from slimflow.errors import InvalidValueError, require_existing
 
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -30,24 +27,10 @@ def alpaca_prompt(record: dict) -> str:
 
 
 def load_tokenizer(tokenizer):
-    if not isinstance(tokenizer, str):
-        return tokenizer
-    from transformers import AutoTokenizer
+    """A tokenizer object as it is, a name or path through slimflow's one tokenizer loader."""
+    from slimflow.models import load_tokenizer as load
 
-    return AutoTokenizer.from_pretrained(tokenizer)
-
-
-def read_records(source: str, split: str = "train") -> list[dict]:
-    """Records of a local `.json` (array or JSON lines) / `.jsonl` file, or of a hub dataset split."""
-    if is_local_path(source):
-        path = Path(source).expanduser()
-        text = path.read_text(encoding="utf-8")
-        if text.lstrip().startswith("["):
-            return json.loads(text)
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    import datasets
-
-    return list(datasets.load_dataset(source, split=split))
+    return load(tokenizer, pad_with_eos=False)
 
 
 class EpochSeededSampler(Sampler[int]):
@@ -125,9 +108,9 @@ class InstructionData(LightningDataModule):
                  split: str = "train", num_workers: int = 0, distill_text: str | None = None,
                  distill_seqlen: int = 128, distill_sampling: str = "random", distill_skip_tokens: int = 0):
         super().__init__()
-        require_local(path, "instruction data file")
+        require_existing(path, "instruction data file")
         if distill_text is not None:
-            require_local(distill_text, "distillation text")
+            require_existing(distill_text, "distillation text")
         self.distill_text, self.distill_seqlen = distill_text, distill_seqlen
         self.distill_sampling, self.distill_skip_tokens = distill_sampling, distill_skip_tokens
         self.path, self.tokenizer_name, self.cutoff_len = path, tokenizer, cutoff_len
@@ -208,7 +191,7 @@ class CalibrationData(LightningDataModule):
     def __init__(self, source: str = "c4", tokenizer: str | None = None, num_samples: int = 128, seqlen: int = 2048,
                  seed: int = 0, skip_tokens: int = 0, batch_size: int = 8):
         super().__init__()
-        require_local(source, "calibration source")
+        require_existing(source, "calibration source")
         self.source, self.tokenizer = source, tokenizer
         self.num_samples, self.seqlen, self.seed, self.skip_tokens = num_samples, seqlen, seed, skip_tokens
         self.batch_size = batch_size
@@ -244,7 +227,7 @@ class TextEvalData(LightningDataModule):
     def __init__(self, source: str = "wikitext2", tokenizer: str | None = None, seqlen: int = 128,
                  max_tokens: int | None = None, max_windows: int | None = None, batch_size: int = 8):
         super().__init__()
-        require_local(source, "evaluation text")
+        require_existing(source, "evaluation text")
         self.source, self.tokenizer = source, tokenizer
         self.seqlen, self.max_tokens, self.max_windows, self.batch_size = seqlen, max_tokens, max_windows, batch_size
         self.windows: torch.Tensor | None = None
