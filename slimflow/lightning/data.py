@@ -83,7 +83,8 @@ class InstructionData(LightningDataModule):
     generic text (`distill_input_ids`, drawn like calibration data) for `CausalLMModule`'s distillation loss.
 
     Args:
-        path: a local `.json`/`.jsonl` file or a hub dataset name (e.g. `yahma/alpaca-cleaned`).
+        path: a local `.json`/`.jsonl` (optionally gzipped) or `.parquet` file, or a hub dataset name (e.g.
+            `yahma/alpaca-cleaned`); read by `slimflow.data.text.read_records`.
         tokenizer: tokenizer name or path (the CLI links it to the model's `pretrained`).
         cutoff_len: maximum tokens per example.
         train_on_inputs: also train on the prompt tokens.
@@ -96,7 +97,8 @@ class InstructionData(LightningDataModule):
         seed: seed of the train/validation split and of the per-epoch shuffling.
         split: hub dataset split.
         num_workers: DataLoader workers.
-        distill_text: local text/.gz/.json/.jsonl file (or hub dataset) of the distillation windows; None: none.
+        distill_text: local text/.gz/.json/.jsonl/.parquet file (or hub dataset) of the distillation windows;
+            None: none.
         distill_seqlen: tokens per distillation window.
         distill_sampling: `random` (seeded offsets after `distill_skip_tokens`) or `tail` (the text's last tokens).
         distill_skip_tokens: tokens skipped at the start of `distill_text` (keep clear of an evaluation prefix).
@@ -179,7 +181,7 @@ class CalibrationData(LightningDataModule):
     """Calibration sequences `[num_samples, seqlen]` drawn with `slimflow.data.calibration.calibration_ids`.
 
     Args:
-        source: local text/.gz/.json/.jsonl path or hub dataset name (`allenai/c4`, alias `c4`, ...).
+        source: local text/.gz/.json/.jsonl/.parquet path or hub dataset name (`allenai/c4`, alias `c4`, ...).
         tokenizer: tokenizer name or path (or a tokenizer object).
         num_samples: number of sequences.
         seqlen: tokens per sequence.
@@ -216,7 +218,7 @@ class TextEvalData(LightningDataModule):
     `slimflow validate` / `slimflow test`: each batch is `{"input_ids": [B, seqlen]}`.
 
     Args:
-        source: a local text file (.txt/.gz/.json/.jsonl) or a preset (`wikitext2`, `c4`, `ptb`).
+        source: a local text file (.txt/.gz/.json/.jsonl/.parquet) or a preset (`wikitext2`, `c4`, `ptb`).
         tokenizer: tokenizer name or path.
         seqlen: window length.
         max_tokens: keep only the first tokens of the tokenised text (e.g. 400000).
