@@ -55,11 +55,12 @@ def prepare(*, out: str, tokenizer: str = "../shared/models/ref-llama-27m", corp
     from safetensors.torch import save_file
 
     from slimflow.data.calibration import calibration_ids
-    from slimflow.evaluation.perplexity import read_text_file, tokenize_texts
+    from slimflow.data.text import read_local_texts
+    from slimflow.evaluation.perplexity import tokenize_texts
     from slimflow.models import load_tokenizer
 
     tok = load_tokenizer(tokenizer)
-    tensors = {"eval": tokenize_texts(tok, read_text_file(corpus))[:EVAL_TOKENS].clone()}
+    tensors = {"eval": tokenize_texts(tok, read_local_texts(corpus))[:EVAL_TOKENS].clone()}
     # scoring windows for schedule choices: after the evaluation text, like `random` calibration (other seed)
     tensors["holdout"] = calibration_ids(corpus, tok, 32, 512, seed=99, sampling="random", skip_tokens=SKIP)
     for sampling, n, length, seed in needed_calibration():

@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 import slimflow
 from slimflow.adapters import get_adapter
 from slimflow.errors import MissingInputError, OutputExistsError, SlimflowUserError
+from slimflow.models import read_config
 from slimflow.surgery import LayerWidths, apply_widths, count_parameters, layer_widths
 
 WEIGHTS_NAME = "model.safetensors"
@@ -261,7 +262,7 @@ def load_pruned(path, dtype: torch.dtype | None = None, device=None, attn_implem
     config_path = path / CONFIG_NAME
     if not config_path.is_file():
         raise NotASlimflowCheckpointError(f"{path} has no {CONFIG_NAME}; it is not a model directory")
-    data = json.loads(config_path.read_text())
+    data = read_config(path)
     widths = [LayerWidths(**w) for w in data.get(WIDTHS_KEY) or []]
     config = _stock_config(data, attn_implementation)
     tensors = _read_weights(path, device)

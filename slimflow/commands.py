@@ -194,12 +194,9 @@ def staged_directory(out: Path):
 
 
 def _max_positions(model: str) -> int | None:
-    config = Path(model).expanduser() / "config.json"
-    if config.is_file():
-        return json.loads(config.read_text()).get("max_position_embeddings")
-    from transformers import AutoConfig
+    from slimflow.models import read_config
 
-    return getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", None)
+    return read_config(model).get("max_position_embeddings")
 
 
 def compare(

@@ -16,7 +16,7 @@ from pathlib import Path
 DEBUG_ENV = "SLIMFLOW_DEBUG"
 
 # suffixes of local data and weight files: `wiki.txt` is a file, never a hub id
-LOCAL_SUFFIXES = frozenset({".txt", ".gz", ".json", ".jsonl", ".raw", ".safetensors", ".yaml", ".yml", ".ckpt"})
+LOCAL_SUFFIXES = frozenset({".txt", ".gz", ".json", ".jsonl", ".raw", ".parquet", ".safetensors", ".yaml", ".yml", ".ckpt"})
 
 
 class SlimflowUserError(Exception):

@@ -25,7 +25,7 @@ from torch import nn
 
 from slimflow.adapters import get_adapter
 from slimflow.checkpoint import (
-    CONFIG_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WIDTHS_KEY, _embeddings_tied, _rebuild_meta_buffers,
+    WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WIDTHS_KEY, _embeddings_tied, _rebuild_meta_buffers,
     _stock_config, staged_directory, write_metadata,
 )
 from slimflow.errors import SlimflowUserError
@@ -82,8 +82,9 @@ def should_stream(path, dtype: torch.dtype, memory: int | None = None) -> bool:
 
 
 def _stored_itemsize(path: Path) -> int:
-    name = json.loads((path / CONFIG_NAME).read_text()).get("dtype") or "float32"
-    return getattr(torch, str(name).replace("torch.", ""), torch.float32).itemsize
+    from slimflow.models import source_dtype
+
+    return source_dtype(path).itemsize
 
 
 def check_streamable(pruner: PruningMethod) -> None:
@@ -138,8 +139,10 @@ def build_skeleton(path, dtype: torch.dtype) -> tuple[nn.Module, _Shards, str]:
     from slimflow.surgery import LayerWidths, apply_widths
     from transformers import AutoModelForCausalLM, GenerationConfig
 
+    from slimflow.models import read_config
+
     path = Path(path)
-    data = json.loads((path / CONFIG_NAME).read_text())
+    data = read_config(path)
     config = _stock_config(data, None)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -76,6 +76,9 @@ def apply_widths(model: nn.Module, widths: list[LayerWidths], adapter: ModelAdap
             prune_heads(adapter, layer, head_dim, list(range(w.num_key_value_heads)))
         if w.intermediate_size != channels:
             prune_channels(adapter, layer, list(range(w.intermediate_size)))
+        # every layer, cut or not, carries its widths on its modules (as the bundled modeling file sets them)
+        adapter.set_head_counts(adapter.attn(layer), w.num_attention_heads, w.num_key_value_heads)
+        adapter.ffn(layer).intermediate_size = w.intermediate_size
 
 
 def count_parameters(model: nn.Module) -> int:

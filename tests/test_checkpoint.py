@@ -10,7 +10,7 @@ import pytest
 from conftest import require_shared
 import torch
 from safetensors import safe_open
-from tiny_models import FAMILIES, padded_batch, tiny_model, tiny_tokenizer
+from tiny_models import FAMILIES, padded_batch, tiny_config, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import slimflow.checkpoint as checkpoint
@@ -291,3 +291,46 @@ def test_both_reload_paths_expose_the_same_global_sizes(tmp_path):
         assert [w["intermediate_size"] for w in config.slimflow_layer_widths] == [40, 48, 56]
         assert [w["num_key_value_heads"] for w in config.slimflow_layer_widths] == [1, 1, 1]
         assert layer_widths(reloaded) == layer_widths(model)
+
+
+def _layer_attributes(model):
+    """Every per-layer size a user can read off a reloaded model: config lists and module attributes."""
+    adapter = get_adapter(model)
+    out = []
+    for layer in adapter.layers(model):
+        attn, mlp = adapter.attn(layer), adapter.ffn(layer)
+        out.append({
+            "num_heads": attn.num_heads, "num_key_value_heads": attn.num_key_value_heads,
+            "num_key_value_groups": attn.num_key_value_groups, "head_dim": attn.head_dim,
+            "intermediate_size": mlp.intermediate_size,
+            "attn_config": (attn.config.num_attention_heads, attn.config.num_key_value_heads),
+            "shapes": tuple(tuple(p.shape) for p in layer.parameters()),
+        })
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "llama_gqa", "qwen2", "phi3"])
+def test_both_reload_paths_expose_the_same_per_layer_attributes(tmp_path, family):
+    """`load_pruned` and `from_pretrained(trust_remote_code=True)` agree attribute by attribute: the global
+    config fields are the dense skeleton's (both read without raising), the per-layer widths are
+    `config.slimflow_layer_widths` and the attention / MLP modules' own attributes, which match the shapes."""
+    model = _pruned(family)
+    dense = tiny_config(family)
+    path = save_pruned(model, tmp_path / "pruned")
+    truth = [w.to_dict() for w in layer_widths(model)]
+    assert len({w["num_key_value_heads"] for w in truth}) > 1  # the layers really differ
+    seen = []
+    for reloaded in (load_pruned(path), _from_pretrained(path)):
+        config = reloaded.config
+        globals_ = {key: getattr(config, key) for key in
+                    ("num_attention_heads", "num_key_value_heads", "intermediate_size", "head_dim", "hidden_size")}
+        assert globals_ == {key: getattr(dense, key) for key in globals_}
+        assert config.slimflow_layer_widths == truth
+        attributes = _layer_attributes(reloaded)
+        for attrs, width in zip(attributes, truth):
+            assert (attrs["num_heads"], attrs["num_key_value_heads"], attrs["intermediate_size"]) == (
+                width["num_attention_heads"], width["num_key_value_heads"], width["intermediate_size"])
+            assert attrs["num_key_value_groups"] == width["num_attention_heads"] // width["num_key_value_heads"]
+            assert attrs["head_dim"] == dense.head_dim
+        seen.append((globals_, config.slimflow_layer_widths, attributes))
+    assert seen[0] == seen[1]

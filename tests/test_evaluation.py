@@ -104,8 +104,8 @@ def test_wikitext2_rows_and_json_files(tmp_path):
     assert perplexity.wikitext2_rows_from_raw(" \n = Title = \n \n text \n") == ["", " = Title = \n", "", " text \n"]
     (tmp_path / "a.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
     (tmp_path / "b.json").write_text('["x", "y"]')
-    assert perplexity.read_text_file(tmp_path / "a.jsonl") == ["one", "two"]
-    assert perplexity.read_text_file(tmp_path / "b.json") == ["x", "y"]
+    assert perplexity.load_texts(str(tmp_path / "a.jsonl"))[0] == ["one", "two"]
+    assert perplexity.load_texts(str(tmp_path / "b.json"))[0] == ["x", "y"]
 
 
 # ------------------------------------------------------------------------------------------- bundled lm-eval

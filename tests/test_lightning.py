@@ -242,3 +242,40 @@ def test_causal_lm_module_finetunes_a_slimflow_export(assets, tmp_path):
     before = load_pruned(export)
     changed = [not torch.equal(a, b) for a, b in zip(module.model.parameters(), before.parameters())]
     assert any(changed)
+
+
+def test_causal_lm_module_distils_from_a_pruned_teacher(assets, tmp_path):
+    """`teacher=<pruned checkpoint>` loads through the same loader as the student, at its widths (stock
+    `from_pretrained` refuses the directory), and the distillation KL trains the student towards it."""
+    import slimflow
+    from slimflow.checkpoint import save_pruned
+    from slimflow.lightning.module import CausalLMModule
+    from slimflow.models import load_model, load_tokenizer
+    from slimflow.surgery import layer_widths
+
+    model = load_model(assets["model"], dtype="float32", device="cpu")
+    ids = torch.randint(3, 300, (8, 32), generator=torch.Generator().manual_seed(2))
+    slimflow.prune(model, ids, 0.25, schedule="uniform", progress=False)
+    teacher = save_pruned(model, tmp_path / "teacher", tokenizer=load_tokenizer(assets["model"]))
+    student = load_model(assets["model"], dtype="float32", device="cpu")  # dense, with a real gap to close
+    with torch.no_grad():
+        for p in student.parameters():
+            if p.ndim == 2:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * p.std())
+    student.save_pretrained(tmp_path / "student")
+    load_tokenizer(assets["model"]).save_pretrained(tmp_path / "student")
+    module = CausalLMModule(pretrained=str(tmp_path / "student"), teacher=str(teacher), lr=1e-3, warmup_steps=0,
+                            lm_weight=0.0, distill_weight=1.0)
+    batches = DataLoader([{"input_ids": row, "labels": row, "distill_input_ids": row} for row in ids], batch_size=4)
+    seen = {}
+
+    class Probe(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.setdefault("widths", layer_widths(pl_module.teacher_model))
+            seen.setdefault("kl", []).append(float(outputs["loss"]))
+
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=4, accelerator="cpu", logger=False, callbacks=[Probe()],
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=batches)
+    assert seen["widths"] == layer_widths(model) != layer_widths(module.model)
+    assert seen["kl"][2] < seen["kl"][0]  # the same batch, two steps later

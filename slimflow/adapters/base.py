@@ -150,11 +150,11 @@ class ModelAdapter:
         self.set_head_counts(attn, len(keep_units) * group, len(keep_units))
 
     def set_head_counts(self, attn: nn.Module, heads: int, kv: int) -> None:
-        """The per-module head attributes the stock attention reads, for a layer of `heads` / `kv` heads."""
+        """The per-module head attributes of a layer of `heads` / `kv` heads: `num_key_value_groups` (what the stock
+        attention reads), and `num_heads` / `num_key_value_heads`, set on every family (stock Llama has neither) so
+        that a layer's widths read off its attention module; the bundled modeling file sets the same three."""
         attn.num_key_value_groups = heads // kv
-        for name, value in (("num_heads", heads), ("num_key_value_heads", kv)):
-            if hasattr(attn, name):
-                setattr(attn, name, value)
+        attn.num_heads, attn.num_key_value_heads = heads, kv
         if self.layer_config:
             if not getattr(attn, "_slimflow_layer_config", False):  # first cut: stop sharing the model's config
                 attn.config = copy.copy(attn.config)
@@ -169,8 +169,7 @@ class ModelAdapter:
         for name, segments in self.mlp_inputs:
             setattr(mlp, name, slice_linear(getattr(mlp, name), _segment_rows(segments, rows, {"c": channels}), 0))
         setattr(mlp, self.down_proj_name, slice_linear(self.down_proj(layer), rows["c"], 1))
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = len(keep_channels)
+        mlp.intermediate_size = len(keep_channels)
 
     # ------------------------------------------------------------------------------------------ biases
     @property

@@ -9,12 +9,12 @@ context, so its records are in the shape lm-eval's `process_docs` produces (`que
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import datasets
 
+from slimflow.data.text import read_local_records, read_local_text
 from slimflow.evaluation.paths import find_data_file, searched_locations
 from slimflow.errors import InvalidValueError, MissingInputError
 
@@ -33,8 +33,7 @@ LETTERS = "ABCDEFGHIJ"
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_local_records(path)
 
 
 def boolq_records(path) -> list[dict]:
@@ -52,7 +51,7 @@ def piqa_records(path) -> list[dict]:
     labels_path = Path(path).with_name("valid-labels.lst")
     if not labels_path.is_file():
         raise MissingInputError(f"PIQA labels file {labels_path} is missing (it must sit next to {path})")
-    labels = [int(line) for line in labels_path.read_text().split()]
+    labels = [int(line) for line in read_local_text(labels_path).split()]
     records = read_jsonl(path)
     if len(labels) != len(records):
         raise InvalidValueError(f"{path} has {len(records)} records but {labels_path} has {len(labels)} labels")

@@ -7,14 +7,12 @@ for speed: they all have length `T`, nothing is padded, and per-window losses ar
 float64, so the result does not depend on the batch size.
 
 A spec is `NAME:WINDOW`: `wikitext2:128`, `wikitext2:2048`, `c4:128`, `c4:2048`, `ptb:128`, or
-`PATH:WINDOW` for any local `.txt`, `.gz`, `.json` or `.jsonl` file. An optional third field keeps only the first
+`PATH:WINDOW` for any local `.txt`, `.gz`, `.json`, `.jsonl` or `.parquet` file (read by `slimflow.data.text`). An optional third field keeps only the first
 tokens: `../shared/pretrain_corpus/part-007.txt.gz:128:400000` is the reference model's in-domain protocol.
 """
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 import os
 import time
@@ -25,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from slimflow.data.text import read_hub_texts, read_local_text, read_local_texts
 from slimflow.evaluation.paths import find_data_file, searched_locations
 from slimflow.errors import InvalidValueError, MissingInputError
 
@@ -106,32 +105,26 @@ def load_texts(name: str, data_dir=None) -> tuple[list[str], str]:
     - `c4`: `<data>/c4_sample/...json.gz` (its last 200 documents), else Hub `allenai/c4` validation shard 0
       (its first 1100 documents, as SparseGPT). The two are different texts: compare only within one source.
     - `ptb`: `<data>/ptb/ptb.valid.txt` (one sentence per line), else Hub `ptb_text_only` validation, field `sentence`.
-    Anything else is a path to a local file.
+    Anything else is a path to a local file. Files and hub datasets are read by `slimflow.data.text`.
     """
     if name == "wikitext2":
         path = find_data_file(WIKITEXT2_LOCAL, data_dir)
         if path is not None:
-            return wikitext2_rows_from_raw(path.read_text(encoding="utf-8")), str(path)
-
-        def hub():
-            import datasets
-
-            return datasets.load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split="test")["text"]
-
-        return _load_hub(f"wikitext2 (looked for {searched_locations(WIKITEXT2_LOCAL, data_dir)})", hub), (
+            return wikitext2_rows_from_raw(read_local_text(path)), str(path)
+        return _load_hub(f"wikitext2 (looked for {searched_locations(WIKITEXT2_LOCAL, data_dir)})",
+                         lambda: read_hub_texts("Salesforce/wikitext", split="test", config="wikitext-2-raw-v1")), (
             "hub:Salesforce/wikitext/wikitext-2-raw-v1/test"
         )
     if name == "c4":
         path = find_data_file(C4_LOCAL, data_dir)
         if path is not None:
-            docs = read_text_file(path)
+            docs = read_local_texts(path)
             return docs[-C4_LOCAL_LAST_DOCS:], f"{path} (last {C4_LOCAL_LAST_DOCS} documents)"
 
         def hub():
-            import datasets
-
-            ds = datasets.load_dataset("allenai/c4", data_files={"validation": C4_HUB_FILE}, split="validation")
-            return ds["text"][:C4_HUB_DOCS]
+            texts = read_hub_texts("allenai/c4", split="validation", field="text",
+                                   data_files={"validation": C4_HUB_FILE})
+            return texts[:C4_HUB_DOCS]
 
         return _load_hub(f"c4 (looked for {searched_locations(C4_LOCAL, data_dir)})", hub), (
             f"hub:allenai/c4/{C4_HUB_FILE} (first {C4_HUB_DOCS} documents)"
@@ -139,46 +132,19 @@ def load_texts(name: str, data_dir=None) -> tuple[list[str], str]:
     if name == "ptb":
         path = find_data_file(PTB_LOCAL, data_dir)
         if path is not None:
-            return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()], str(path)
-
-        def hub():
-            import datasets
-
-            return datasets.load_dataset("ptb_text_only", "penn_treebank", split="validation")["sentence"]
-
-        return _load_hub(f"ptb (looked for {searched_locations(PTB_LOCAL, data_dir)})", hub), (
+            return [line.strip() for line in read_local_text(path).splitlines()], str(path)
+        return _load_hub(f"ptb (looked for {searched_locations(PTB_LOCAL, data_dir)})",
+                         lambda: read_hub_texts("ptb_text_only", split="validation", field="sentence",
+                                                config="penn_treebank")), (
             "hub:ptb_text_only/penn_treebank/validation"
         )
     path = Path(name).expanduser()
     if not path.is_file():
         raise MissingInputError(
             f"perplexity data {name!r} is neither a preset ({', '.join(PRESETS)}) nor an existing file; "
-            f"give NAME:WINDOW with a preset name or a path to a .txt/.gz/.json/.jsonl file"
+            f"give NAME:WINDOW with a preset name or a path to a .txt/.gz/.json/.jsonl/.parquet file"
         )
-    return read_text_file(path), str(path.resolve())
-
-
-def read_text_file(path: str | os.PathLike) -> list[str]:
-    """Texts of a local file: plain text (one text), or JSON / JSON lines with a `text` field or plain strings.
-
-    A `.gz` suffix is decompressed first; `x.json.gz` / `x.jsonl.gz` are read as JSON.
-    """
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    kind = Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
-    with opener(path, "rt", encoding="utf-8") as f:
-        content = f.read()
-    if kind not in (".json", ".jsonl"):
-        return [content]
-    stripped = content.lstrip()
-    if stripped.startswith("["):
-        items = json.loads(content)
-    else:
-        items = [json.loads(line) for line in content.splitlines() if line.strip()]
-    texts = [item if isinstance(item, str) else item.get("text") for item in items]
-    if any(t is None for t in texts):
-        raise InvalidValueError(f"{path}: every JSON record must be a string or have a 'text' field")
-    return texts
+    return read_local_texts(path), str(path.resolve())
 
 
 # ------------------------------------------------------------------------------------------------ computation

@@ -315,12 +315,8 @@ def export_gguf(model: str, output: str, dtype: str = "f16", overwrite: bool = F
 
 
 def _load_stored_dtype(source: Path) -> nn.Module:
-    """The model in the dtype it is stored in (each tensor is converted on its own while writing)."""
-    from transformers import AutoModelForCausalLM
+    """The model in the dtype it is stored in (each tensor is converted on its own while writing), through
+    slimflow's one loader (pruned checkpoints at their widths, dense directories with `from_pretrained`)."""
+    from slimflow.models import load_model, source_dtype
 
-    from slimflow.checkpoint import load_pruned
-    from slimflow.models import is_pruned_checkpoint
-
-    if is_pruned_checkpoint(source):
-        return load_pruned(source)
-    return AutoModelForCausalLM.from_pretrained(source, dtype="auto").eval()
+    return load_model(source, dtype=source_dtype(source), device="cpu")

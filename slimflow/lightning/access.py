@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from slimflow.errors import looks_local, require_existing
 
 
 def get_model(pl_module: LightningModule, attr: str = "model"):
@@ -69,12 +68,12 @@ def get_tokenizer(trainer: Trainer, pl_module: LightningModule, model=None):
         tokenizer = getattr(owner, "tokenizer", None)
         if tokenizer is not None and not isinstance(tokenizer, str):
             return tokenizer
-    from transformers import AutoTokenizer
+    from slimflow.models import load_tokenizer
 
     name = base_model(model).config._name_or_path if model is not None else None
     if not name:
         raise AttributeError("no tokenizer: set `tokenizer` on the LightningModule or the DataModule")
-    return AutoTokenizer.from_pretrained(name)
+    return load_tokenizer(name, pad_with_eos=False)
 
 
 def run_dir(trainer: Trainer, dirpath: str | None = None) -> Path:
@@ -82,10 +81,6 @@ def run_dir(trainer: Trainer, dirpath: str | None = None) -> Path:
     path = Path(dirpath or trainer.default_root_dir)
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-is_local_path = looks_local  # one rule for paths versus hub ids, in slimflow.errors
-require_local = require_existing
 
 
 def resume_checkpoint(trainer: Trainer) -> dict | None:

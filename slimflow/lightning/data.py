@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Sampler
 
-from slimflow.lightning.access import is_local_path, require_local
-from slimflow.errors import InvalidValueError
+from slimflow.data.text import read_records
+from slimflow.errors import InvalidValueError, require_existing
 
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -30,24 +27,10 @@ def alpaca_prompt(record: dict) -> str:
 
 
 def load_tokenizer(tokenizer):
-    if not isinstance(tokenizer, str):
-        return tokenizer
-    from transformers import AutoTokenizer
+    """A tokenizer object as it is, a name or path through slimflow's one tokenizer loader."""
+    from slimflow.models import load_tokenizer as load
 
-    return AutoTokenizer.from_pretrained(tokenizer)
-
-
-def read_records(source: str, split: str = "train") -> list[dict]:
-    """Records of a local `.json` (array or JSON lines) / `.jsonl` file, or of a hub dataset split."""
-    if is_local_path(source):
-        path = Path(source).expanduser()
-        text = path.read_text(encoding="utf-8")
-        if text.lstrip().startswith("["):
-            return json.loads(text)
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    import datasets
-
-    return list(datasets.load_dataset(source, split=split))
+    return load(tokenizer, pad_with_eos=False)
 
 
 class EpochSeededSampler(Sampler[int]):
@@ -100,7 +83,8 @@ class InstructionData(LightningDataModule):
     generic text (`distill_input_ids`, drawn like calibration data) for `CausalLMModule`'s distillation loss.
 
     Args:
-        path: a local `.json`/`.jsonl` file or a hub dataset name (e.g. `yahma/alpaca-cleaned`).
+        path: a local `.json`/`.jsonl` (optionally gzipped) or `.parquet` file, or a hub dataset name (e.g.
+            `yahma/alpaca-cleaned`); read by `slimflow.data.text.read_records`.
         tokenizer: tokenizer name or path (the CLI links it to the model's `pretrained`).
         cutoff_len: maximum tokens per example.
         train_on_inputs: also train on the prompt tokens.
@@ -113,7 +97,8 @@ class InstructionData(LightningDataModule):
         seed: seed of the train/validation split and of the per-epoch shuffling.
         split: hub dataset split.
         num_workers: DataLoader workers.
-        distill_text: local text/.gz/.json/.jsonl file (or hub dataset) of the distillation windows; None: none.
+        distill_text: local text/.gz/.json/.jsonl/.parquet file (or hub dataset) of the distillation windows;
+            None: none.
         distill_seqlen: tokens per distillation window.
         distill_sampling: `random` (seeded offsets after `distill_skip_tokens`) or `tail` (the text's last tokens).
         distill_skip_tokens: tokens skipped at the start of `distill_text` (keep clear of an evaluation prefix).
@@ -125,9 +110,9 @@ class InstructionData(LightningDataModule):
                  split: str = "train", num_workers: int = 0, distill_text: str | None = None,
                  distill_seqlen: int = 128, distill_sampling: str = "random", distill_skip_tokens: int = 0):
         super().__init__()
-        require_local(path, "instruction data file")
+        require_existing(path, "instruction data file")
         if distill_text is not None:
-            require_local(distill_text, "distillation text")
+            require_existing(distill_text, "distillation text")
         self.distill_text, self.distill_seqlen = distill_text, distill_seqlen
         self.distill_sampling, self.distill_skip_tokens = distill_sampling, distill_skip_tokens
         self.path, self.tokenizer_name, self.cutoff_len = path, tokenizer, cutoff_len
@@ -196,7 +181,7 @@ class CalibrationData(LightningDataModule):
     """Calibration sequences `[num_samples, seqlen]` drawn with `slimflow.data.calibration.calibration_ids`.
 
     Args:
-        source: local text/.gz/.json/.jsonl path or hub dataset name (`allenai/c4`, alias `c4`, ...).
+        source: local text/.gz/.json/.jsonl/.parquet path or hub dataset name (`allenai/c4`, alias `c4`, ...).
         tokenizer: tokenizer name or path (or a tokenizer object).
         num_samples: number of sequences.
         seqlen: tokens per sequence.
@@ -208,7 +193,7 @@ class CalibrationData(LightningDataModule):
     def __init__(self, source: str = "c4", tokenizer: str | None = None, num_samples: int = 128, seqlen: int = 2048,
                  seed: int = 0, skip_tokens: int = 0, batch_size: int = 8):
         super().__init__()
-        require_local(source, "calibration source")
+        require_existing(source, "calibration source")
         self.source, self.tokenizer = source, tokenizer
         self.num_samples, self.seqlen, self.seed, self.skip_tokens = num_samples, seqlen, seed, skip_tokens
         self.batch_size = batch_size
@@ -233,7 +218,7 @@ class TextEvalData(LightningDataModule):
     `slimflow validate` / `slimflow test`: each batch is `{"input_ids": [B, seqlen]}`.
 
     Args:
-        source: a local text file (.txt/.gz/.json/.jsonl) or a preset (`wikitext2`, `c4`, `ptb`).
+        source: a local text file (.txt/.gz/.json/.jsonl/.parquet) or a preset (`wikitext2`, `c4`, `ptb`).
         tokenizer: tokenizer name or path.
         seqlen: window length.
         max_tokens: keep only the first tokens of the tokenised text (e.g. 400000).
@@ -244,7 +229,7 @@ class TextEvalData(LightningDataModule):
     def __init__(self, source: str = "wikitext2", tokenizer: str | None = None, seqlen: int = 128,
                  max_tokens: int | None = None, max_windows: int | None = None, batch_size: int = 8):
         super().__init__()
-        require_local(source, "evaluation text")
+        require_existing(source, "evaluation text")
         self.source, self.tokenizer = source, tokenizer
         self.seqlen, self.max_tokens, self.max_windows, self.batch_size = seqlen, max_tokens, max_windows, batch_size
         self.windows: torch.Tensor | None = None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import math
-import os
 
 import torch
 from lightning.pytorch import LightningModule
@@ -12,9 +11,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.text import Perplexity
 
 from slimflow.algorithms.distillation import distillation_kl
-from slimflow.lightning.access import is_local_path
 from slimflow.lightning.restore import restore_architecture
-from slimflow.errors import InvalidValueError, MissingInputError
+from slimflow.errors import InvalidValueError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -43,7 +41,8 @@ class CausalLMModule(LightningModule):
 
     Args:
         pretrained: Hugging Face hub id or local directory of the model (and its tokenizer); slimflow pruned
-            checkpoints load at their per-layer widths (no remote code runs).
+            checkpoints and exports load at their per-layer widths (no remote code runs). Loaded by
+            `slimflow.models.load_model`, like every model in slimflow.
         lr: peak learning rate of AdamW.
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
@@ -55,7 +54,8 @@ class CausalLMModule(LightningModule):
         lm_weight: weight of the next-token cross-entropy on `labels` (0 skips it).
         distill_weight: weight of the distillation KL on `distill_input_ids` (0: no teacher is loaded).
         distill_temperature: softmax temperature T of the distillation KL (the loss is scaled by T²).
-        teacher: directory or hub id of the dense teacher (default: `pretrained`, the model before pruning).
+        teacher: directory or hub id of the teacher (default: `pretrained`, the model before pruning); a
+            slimflow pruned checkpoint works too.
         teacher_dtype: dtype the teacher is loaded in (default: `dtype`).
     """
 
@@ -65,8 +65,11 @@ class CausalLMModule(LightningModule):
                  lm_weight: float = 1.0, distill_weight: float = 0.0, distill_temperature: float = 2.0,
                  teacher: str | None = None, teacher_dtype: str | None = None):
         super().__init__()
-        if is_local_path(pretrained) and not os.path.isfile(os.path.join(os.path.expanduser(pretrained), "config.json")):
-            raise MissingInputError(f"model directory {pretrained!r} not found (or it has no config.json)")
+        from slimflow.models import check_model_source, load_tokenizer
+
+        check_model_source(pretrained)  # a local-looking path must be a model directory (never sent to the hub)
+        if teacher is not None:
+            check_model_source(teacher)
         if dtype not in DTYPES:
             raise InvalidValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if teacher_dtype is not None and teacher_dtype not in DTYPES:
@@ -77,9 +80,7 @@ class CausalLMModule(LightningModule):
         if distill_temperature <= 0:
             raise InvalidValueError(f"distill_temperature must be > 0, got {distill_temperature}")
         self.save_hyperparameters()
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(pretrained)
+        self.tokenizer = load_tokenizer(pretrained, pad_with_eos=False)  # written into the export as shipped
         self.model = None
         self.val_ppl = Perplexity(ignore_index=-100)
         self.test_ppl = Perplexity(ignore_index=-100)
@@ -94,7 +95,7 @@ class CausalLMModule(LightningModule):
         # slimflow's one loader: pruned checkpoints are rebuilt at their widths, dense ones load as usual
         self.model = load_model(hp.pretrained, dtype=DTYPES[hp.dtype], device="cpu",
                                 attn_implementation=hp.attn_implementation)
-        self.model.train()  # from_pretrained returns eval mode; Lightning keeps modules' modes as they are
+        self.model.train()  # load_model returns eval mode; Lightning keeps modules' modes as they are
         if hp.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
             self.model.enable_input_require_grads()
@@ -108,11 +109,12 @@ class CausalLMModule(LightningModule):
         """The frozen dense teacher (loaded on first use; None without distillation)."""
         hp = self.hparams
         if hp.distill_weight > 0 and self._teacher[0] is None:
-            from transformers import AutoModelForCausalLM
+            from slimflow.models import load_model
 
-            teacher = AutoModelForCausalLM.from_pretrained(hp.teacher or hp.pretrained,
-                                                           dtype=DTYPES[hp.teacher_dtype or hp.dtype])
-            self._teacher[0] = teacher.requires_grad_(False).eval().to(self.device)
+            # the same loader as the student: a slimflow pruned checkpoint is a valid teacher too
+            teacher = load_model(hp.teacher or hp.pretrained, dtype=DTYPES[hp.teacher_dtype or hp.dtype],
+                                 device=self.device)
+            self._teacher[0] = teacher.requires_grad_(False).eval()
         return self._teacher[0]
 
     def release_teacher(self) -> None:

@@ -9,10 +9,10 @@ from pathlib import Path
 from lightning.pytorch import LightningModule, Trainer
 
 from slimflow.lightning.access import (
-    SlimflowCallback, base_model, get_model, get_tokenizer, require_local, run_dir, slimflow_callbacks,
+    SlimflowCallback, base_model, get_model, get_tokenizer, run_dir, slimflow_callbacks,
 )
 from slimflow.lightning.logs import evaluation_metrics, log_metrics, say
-from slimflow.errors import InvalidValueError
+from slimflow.errors import InvalidValueError, require_existing
 
 
 def _to_accelerator(trainer: Trainer, model) -> None:
@@ -63,7 +63,7 @@ class Evaluation(SlimflowCallback):
         for spec in self.ppl:
             name = parse_spec(spec)[0]
             if name not in PRESETS:
-                require_local(name, "perplexity text")
+                require_existing(name, "perplexity text")
         self.limit, self.batch_size, self.max_windows, self.max_tokens = limit, batch_size, max_windows, max_tokens
         self.dense, self.filename, self.dirpath, self.model_attr = dense, filename, dirpath, model_attr
         if samples < 0 or sample_tokens < 1:

@@ -54,17 +54,14 @@ def _apply_layer_widths(model: nn.Module, widths: list[dict], spec: dict) -> Non
         setattr(attn, spec["o_proj"], _leading(getattr(attn, spec["o_proj"]), cols=rows["q"]))
         # Attention kernels repeat each KV head this many times; the value must come from the layer, not the config.
         attn.num_key_value_groups = heads // kv_heads
-        for name, value in (("num_heads", heads), ("num_key_value_heads", kv_heads)):
-            if hasattr(attn, name):
-                setattr(attn, name, value)
+        attn.num_heads, attn.num_key_value_heads = heads, kv_heads  # the layer's widths, read off its modules
         if spec.get("layer_config"):  # the attention reads its head counts from its config at run time
             attn.config = copy.copy(attn.config)
             attn.config.num_attention_heads, attn.config.num_key_value_heads = heads, kv_heads
         for name, segments in spec["mlp_inputs"]:
             setattr(mlp, name, _leading(getattr(mlp, name), rows=sum(rows[s] for s in segments)))
         setattr(mlp, spec["down_proj"], _leading(getattr(mlp, spec["down_proj"]), cols=channels))
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = channels
+        mlp.intermediate_size = channels
 
 
 class _PerLayerWidths:
