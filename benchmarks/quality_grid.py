@@ -97,7 +97,8 @@ def drift_cells(models: list[str], reference: str = "ref-llama-27m") -> list[dic
 def search_cells(models: list[str], reference: str = "ref-llama-27m") -> list[dict]:
     """The adaptive schedule (cost curves + search over allocations scored on held-out calibration sequences)
     against uniform, log_increase and the cost plan alone; seeds; the search's own settings on `reference`."""
-    shapes = (("uniform", {}), ("log_increase", {}), ("adaptive", {}), ("adaptive", {"search": False}))
+    shapes = (("uniform", {}), ("log_increase", {}), ("adaptive", {}), ("adaptive", {"search": False}),
+              ("adaptive", {"score": "loss"}))
     out = []
     for model in models:
         for ratio in (0.2, 0.5):

@@ -47,7 +47,7 @@ def test_search_keeps_the_candidate_closest_to_the_dense_model_on_held_out_seque
                                                                                                            **kw))[1])
     chosen, scores = allocation.search_plans(model, adapter, ids, candidates, get_method("slimgpt"),
                                              torch.device("cpu"), batch_size=4, search_samples=8, holdout=4,
-                                             progress=False)
+                                             score="kl", progress=False)
     # each candidate pruned on the first 8 sequences; the last 4 (never pruned on) score it
     assert all(torch.equal(x, ids[:8]) for x in seen) and len(seen) == 3
     expected = {}
@@ -61,6 +61,18 @@ def test_search_keeps_the_candidate_closest_to_the_dense_model_on_held_out_seque
     assert scores == pytest.approx(expected, rel=1e-4)
     assert chosen == min(expected, key=expected.get)
     assert len(set(round(v, 6) for v in expected.values())) == 3  # the choice is not a tie
+    # the default score: next-token loss on the same held-out rows
+    chosen, scores = allocation.search_plans(model, adapter, ids, candidates, get_method("slimgpt"),
+                                             torch.device("cpu"), batch_size=4, search_samples=8, holdout=4,
+                                             progress=False)
+    for name, plans in candidates.items():
+        trial = copy.deepcopy(model)
+        prune_layers(trial, adapter, ids[:8], plans, get_method("slimgpt"), torch.device("cpu"), 4, progress=False)
+        with torch.no_grad():
+            logits = trial(ids[12:]).logits[:, :-1].double()
+        expected[name] = float(torch.nn.functional.cross_entropy(logits.reshape(-1, 128), ids[12:, 1:].reshape(-1)))
+    assert scores == pytest.approx(expected, rel=1e-4)
+    assert chosen == min(expected, key=expected.get)
 
 
 def test_default_adaptive_records_its_search_and_hits_the_ratio():
@@ -69,7 +81,7 @@ def test_default_adaptive_records_its_search_and_hits_the_ratio():
     search = report.settings["allocation"]["search"]
     assert set(search["scores"]) >= {"cost:gradient", "cost:residual", "uniform", "log_increase:4"}
     assert search["chosen"] == min(search["scores"], key=search["scores"].get)
-    assert search["split"] == [12, 4] and search["score"] == "kl"
+    assert search["split"] == [12, 4] and search["score"] == "loss"
     assert abs(report.realised_fraction - 0.4) <= 0.005
     # without the search the plan is the cost plan, and nothing is scored
     off = slimflow.prune(tiny_model("qwen2"), _ids(16, 32), ratio=0.4, schedule="adaptive", progress=False,
@@ -84,7 +96,7 @@ def test_too_few_sequences_to_hold_out_falls_back_to_the_cost_plan():
     assert allocation.search_split(20, 32, 16) == (15, 5)
 
 
-@pytest.mark.parametrize("options,match", [({"score": "ppl"}, "choose one of kl, loss"),
+@pytest.mark.parametrize("options,match", [({"score": "ppl"}, "choose one of loss, kl"),
                                            ({"holdout": 0}, "holdout must be a positive integer")])
 def test_bad_search_options_fail_before_any_work(options, match):
     with pytest.raises(ScheduleError, match=match):
