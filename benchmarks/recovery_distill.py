@@ -26,7 +26,8 @@ WEIGHTS = {"alpaca": (1.0, 0.0), "distill": (0.0, 1.0), "mixed": (1.0, 1.0)}  # 
 
 
 def recover(pruned, variant: str, model: str, steps: int, batch: int, seqlen: int, lr: float, r: int,
-            temperature: float, seed: int, workdir: str) -> tuple:
+            temperature: float, seed: int, workdir: str, accelerator: str = "cpu", heldout: str = HELDOUT,
+            alpaca: str = ALPACA) -> tuple:
     from slimflow.lightning import LoRARecovery
     from slimflow.lightning.data import InstructionData
     from slimflow.lightning.module import CausalLMModule
@@ -36,10 +37,10 @@ def recover(pruned, variant: str, model: str, steps: int, batch: int, seqlen: in
     module = CausalLMModule(model, lr=lr, warmup_steps=max(1, steps // 10), lm_weight=lm_weight,
                             distill_weight=distill_weight, distill_temperature=temperature)
     module.model = copy.deepcopy(pruned).train()
-    data = InstructionData(ALPACA, tokenizer=model, cutoff_len=seqlen, val_size=8, batch_size=batch,
-                           limit=steps * batch + 64, seed=seed, distill_text=HELDOUT if distill_weight else None,
+    data = InstructionData(alpaca, tokenizer=model, cutoff_len=seqlen, val_size=8, batch_size=batch,
+                           limit=steps * batch + 64, seed=seed, distill_text=heldout if distill_weight else None,
                            distill_seqlen=seqlen, distill_skip_tokens=400_000)
-    trainer = pl.Trainer(default_root_dir=workdir, max_steps=steps, accelerator="cpu", logger=False,
+    trainer = pl.Trainer(default_root_dir=workdir, max_steps=steps, accelerator=accelerator, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          limit_val_batches=0, num_sanity_val_steps=0,
                          callbacks=[LoRARecovery(r=r, alpha=2 * r, dropout=0.05)])
@@ -55,7 +56,8 @@ def recover(pruned, variant: str, model: str, steps: int, batch: int, seqlen: in
 def main(out: str = "runs/recovery", model: str = REF, ratios: list[float] = [0.2, 0.5],
          variants: list[str] = ["none", "alpaca", "distill", "mixed"], steps: int = 60, batch: int = 8,
          seqlen: int = 128, lr: float = 1e-3, r: int = 8, temperature: float = 2.0, limit: int | None = 50,
-         ppl_windows: int = 300, num_samples: int = 128, calib_seqlen: int = 512, seed: int = 0) -> dict:
+         ppl_windows: int = 300, num_samples: int = 128, calib_seqlen: int = 512, seed: int = 0,
+         accelerator: str = "cpu", heldout: str = HELDOUT, alpaca: str = ALPACA, zero_shot: bool = True) -> dict:
     """Run the comparison and write `<out>/recovery.json` after every variant.
 
     Args:
@@ -74,36 +76,48 @@ def main(out: str = "runs/recovery", model: str = REF, ratios: list[float] = [0.
         num_samples: calibration sequences (tail of part-007).
         calib_seqlen: calibration sequence length.
         seed: seed of data order, LoRA init and dropout.
+        accelerator: where pruning, finetuning and evaluation run (`cpu` or `gpu`).
+        heldout: part-007 (calibration, distillation text and held-out perplexity).
+        alpaca: Alpaca JSON file.
+        zero_shot: also score the seven zero-shot tasks (needs lm-eval).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from slimflow.api import prune
     from slimflow.data.calibration import calibration_ids
-    from slimflow.evaluation.suite import evaluate_model
-    from slimflow.evaluation.zeroshot import SEVEN
-
-    torch.set_num_threads(2)
+    if accelerator == "cpu":
+        torch.set_num_threads(2)
+    dev = "cuda" if accelerator == "gpu" else "cpu"
     Path(out).mkdir(parents=True, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(model)
-    calibration = calibration_ids(HELDOUT, tok, num_samples=num_samples, seqlen=calib_seqlen, sampling="tail")
+    calibration = calibration_ids(heldout, tok, num_samples=num_samples, seqlen=calib_seqlen, sampling="tail")
     results = {"settings": {k: v for k, v in locals().items() if k in (
         "model", "ratios", "variants", "steps", "batch", "seqlen", "lr", "r", "temperature", "limit",
-        "ppl_windows", "num_samples", "calib_seqlen", "seed")}, "runs": []}
+        "ppl_windows", "num_samples", "calib_seqlen", "seed", "accelerator")}, "runs": []}
 
     def evaluate(net):
-        metrics = evaluate_model(net, tok, ppl=[f"{HELDOUT}:128:400000"], tasks=list(SEVEN), limit=limit,
-                                 max_windows=ppl_windows, batch_size=16, progress=False)
-        return metrics
+        net = net.to(dev)
+        if not zero_shot:  # perplexity alone needs neither lm-eval nor datasets
+            from dataclasses import asdict
+
+            from slimflow.evaluation.perplexity import evaluate_perplexity
+            spec = f"{heldout}:128:400000"
+            return {"perplexity": {spec: asdict(evaluate_perplexity(net, tok, spec, batch_size=16,
+                                                                    max_windows=ppl_windows, progress=False))}}
+        from slimflow.evaluation.suite import evaluate_model
+        from slimflow.evaluation.zeroshot import SEVEN
+        return evaluate_model(net, tok, ppl=[f"{heldout}:128:400000"], tasks=list(SEVEN), limit=limit,
+                              max_windows=ppl_windows, batch_size=16, progress=False)
 
     for ratio in ratios:
         dense = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-        report = prune(dense, calibration, ratio=ratio, progress=False)
+        report = prune(dense, calibration, ratio=ratio, progress=False, device=dev)
         for variant in variants:
             if variant == "none":
                 net, tokens = dense, {}
             else:
                 net, tokens = recover(dense, variant, model, steps, batch, seqlen, lr, r, temperature, seed,
-                                      str(Path(out) / "work"))
+                                      str(Path(out) / "work"), accelerator, heldout, alpaca)
             metrics = evaluate(net)
             results["runs"].append({"ratio": ratio, "variant": variant, "params": report.params_after, **tokens,
                                     "metrics": metrics})
