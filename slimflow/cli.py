@@ -100,6 +100,31 @@ def _check_method_options(argv: list[str], default: str = "slimgpt") -> None:
         cls.build(values)
 
 
+def _check_config_method_options(argv: list[str]) -> None:
+    """The same one-line check for the `method` of a `StructuredPruning` callback in a `--config` YAML of `fit` (a
+    mistyped option there would otherwise be explained by jsonargparse through every Callback type)."""
+    import yaml
+
+    from slimflow.method_options import BUILTIN
+
+    paths = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for path in paths:
+        try:
+            config = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError):
+            continue  # the parser reports it
+        callbacks = ((config or {}).get("trainer") or {}).get("callbacks") if isinstance(config, dict) else None
+        for callback in callbacks if isinstance(callbacks, list) else []:
+            spec = callback.get("init_args", {}).get("method") if isinstance(callback, dict) else None
+            if not (isinstance(spec, dict) and str(callback.get("class_path", "")).endswith("StructuredPruning")):
+                continue
+            name = str(spec.get("class_path", "")).rsplit(".", 1)[-1]
+            cls = next((c for c in BUILTIN if name in (c.method, c.__name__)), None)
+            if cls is not None and isinstance(spec.get("init_args"), dict):
+                cls.build(spec["init_args"])
+
+
 def _bare_flags(argv: list[str], flags: set[str]) -> list[str]:
     """`--overwrite` without a value means `--overwrite true` for the boolean options in `flags`."""
     out = []
@@ -213,6 +238,7 @@ def _dispatch(argv: list[str]) -> int:
     if command in LIGHTNING_COMMANDS and argv[1:] in (["--help"], ["-h"]):
         return _cached_help(argv)
     if command in LIGHTNING_COMMANDS or command.startswith("-"):
+        _check_config_method_options(argv)
         from slimflow.lightning.cli import lightning_main
 
         lightning_main(_method_names(_underscore_options(argv)))

@@ -23,6 +23,19 @@ class MethodOptions:
 
     method: ClassVar[str] = ""
 
+    def __post_init__(self):
+        """Every value of the option's type (one-line error naming the options), then the method's own `check`."""
+        hints = typing.get_type_hints(type(self))
+        for key in type(self).fields():
+            value = getattr(self, key)
+            if not _fits(value, hints[key]):
+                raise InvalidValueError(f"method {self.method!r}: option {key} must be {_type_name(hints[key])}, got "
+                                        f"{value!r}; its options (with defaults) are: {describe(type(self))}")
+        self.check()
+
+    def check(self) -> None:
+        """Refuse values the method cannot use (`InvalidValueError`)."""
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
 
@@ -51,13 +64,10 @@ class MethodOptions:
         if unknown:
             raise InvalidValueError(f"method {cls.method!r} has no option {', '.join(map(repr, unknown))}; its options "
                                     f"(with defaults) are: {describe(cls)}")
-        hints = typing.get_type_hints(cls) if valid else {}
-        for key, value in values.items():
-            if not _fits(value, hints[key]):
-                raise InvalidValueError(f"method {cls.method!r}: option {key} must be {_type_name(hints[key])}, got "
-                                        f"{value!r}; its options (with defaults) are: {describe(cls)}")
         try:
             return cls(**values)
+        except InvalidValueError:
+            raise
         except (TypeError, ValueError) as err:
             raise InvalidValueError(f"method {cls.method!r}: {err}") from err
 
@@ -92,9 +102,9 @@ def _type_name(hint) -> str:
     return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
-def _check(condition: bool, message: str) -> None:
+def _check(options: MethodOptions, condition: bool, message: str) -> None:
     if not condition:
-        raise InvalidValueError(message)
+        raise InvalidValueError(f"method {options.method!r}: {message}")
 
 
 # one dataclass per method; the class name is its command-line name (hence the lower case)
@@ -116,9 +126,9 @@ class slimgpt(MethodOptions):  # noqa: N801
     group_floor: int = 64
     group_cap: int = 1024
 
-    def __post_init__(self):
-        _check(self.damp >= 0, f"damp must be ≥ 0, got {self.damp}")
-        _check(1 <= self.group_floor <= self.group_cap,
+    def check(self):
+        _check(self, self.damp >= 0, f"damp must be ≥ 0, got {self.damp}")
+        _check(self, 1 <= self.group_floor <= self.group_cap,
                f"need 1 ≤ group_floor ≤ group_cap, got {self.group_floor} and {self.group_cap}")
 
 
@@ -149,10 +159,10 @@ class taylor(MethodOptions):  # noqa: N801
     mode: Literal["param_first", "vectorize"] = "param_first"
     grad_batch_size: int = 2
 
-    def __post_init__(self):
-        _check(self.mode in ("param_first", "vectorize"),
+    def check(self):
+        _check(self, self.mode in ("param_first", "vectorize"),
                f"taylor mode must be 'param_first' or 'vectorize', got {self.mode!r}")
-        _check(self.grad_batch_size >= 1, f"grad_batch_size must be ≥ 1, got {self.grad_batch_size}")
+        _check(self, self.grad_batch_size >= 1, f"grad_batch_size must be ≥ 1, got {self.grad_batch_size}")
 
 
 @dataclass(frozen=True)
@@ -214,10 +224,10 @@ class llm_surgeon(MethodOptions):  # noqa: N801
     max_layer_ratio: float = 0.9
     per_param: bool = True
 
-    def __post_init__(self):
-        _check(self.shots >= 1, f"shots must be ≥ 1, got {self.shots}")
-        _check(self.grad_samples is None or self.grad_samples >= 1, f"grad_samples must be ≥ 1, got {self.grad_samples}")
-        _check(self.grad_batch_size >= 1, f"grad_batch_size must be ≥ 1, got {self.grad_batch_size}")
+    def check(self):
+        _check(self, self.shots >= 1, f"shots must be ≥ 1, got {self.shots}")
+        _check(self, self.grad_samples is None or self.grad_samples >= 1, f"grad_samples must be ≥ 1, got {self.grad_samples}")
+        _check(self, self.grad_batch_size >= 1, f"grad_batch_size must be ≥ 1, got {self.grad_batch_size}")
 
 
 BUILTIN = (slimgpt, magnitude, wanda_sp, taylor, flap, slimllm, llm_surgeon)
