@@ -433,6 +433,19 @@ def _finish_layer(job: _LayerJob) -> LayerResult:
     return job.result
 
 
+def _prune_layer(job: _LayerJob) -> LayerResult:
+    """One layer's steps, the method's layer hooks around them."""
+    job.method.begin_layer(job.index, job.layer, job.adapter)
+    if job.plan.remove_units:
+        _remove_head_units(job)
+    if job.plan.remove_channels:
+        _remove_channels(job)
+    _propagate_outputs(job)
+    result = _finish_layer(job)
+    job.method.end_layer(job.index, job.layer)
+    return result
+
+
 @contextmanager
 def _layer_on(layer: nn.Module, index: int, device: torch.device, times: PhaseTimes, store):
     """The layer on `device` while it is pruned, handed back to `store` afterwards (time counted as `transfer`)."""
@@ -483,14 +496,7 @@ def prune_layers(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tenso
     for index, (layer, plan) in enumerate(zip(layers, plans)):
         with _layer_on(layer, index, device, times, store):
             job = _start_layer(model, adapter, inputs, index, layer, plan, index == len(layers) - 1, settings)
-            method.begin_layer(index, layer, adapter)
-            if plan.remove_units:
-                _remove_head_units(job)
-            if plan.remove_channels:
-                _remove_channels(job)
-            _propagate_outputs(job)
-            results.append(_finish_layer(job))
-            method.end_layer(index, layer)
+            results.append(_prune_layer(job))
         bar.set_postfix(heads=job.result.widths.num_attention_heads, channels=job.result.widths.intermediate_size)
         bar.update()
     bar.close()
