@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from slimflow.method_options import slimgpt
+
 CORPUS = "../shared/pretrain_corpus/part-007.txt.gz"
 EVAL_TOKENS, WINDOW, WINDOWS, SKIP = 400_000, 128, 300, 400_000
 SCHEDULES = ("uniform", "log_increase", "adaptive", "adaptive-residual")
@@ -232,7 +234,7 @@ def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", bu
         row = dict(cell)
         try:
             report = slimflow.prune(model, tensors[key], ratio=cell["ratio"], schedule=cell["schedule"],
-                                    method="slimgpt", method_kwargs={"damp": cell["damp"]}, device=dev,
+                                    method=slimgpt(damp=cell["damp"]), device=dev,
                                     progress=False, schedule_options=cell["options"] or None, batch_size=16,
                                     spread=cell["spread"], correct_drift=cell["drift"])
             if dev.type == "cuda":

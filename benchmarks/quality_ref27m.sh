@@ -15,7 +15,7 @@ for ratio in 0.2 0.5; do
     name="$variant-${ratio/0./}"
     extra=()
     method=$variant
-    if [ "$variant" = slimgpt-exact ]; then method=slimgpt; extra=(--method-kwargs '{"exact_head_score": true}'); fi
+    if [ "$variant" = slimgpt-exact ]; then method=slimgpt; extra=(--method.exact_head_score true); fi
     start=$(date +%s.%N)
     slimflow prune --model "$MODEL" --calibration "$CAL" --sampling tail --num-samples 128 --seqlen 512 \
       --ratio "$ratio" --method "$method" "${extra[@]}" --output "$OUT/$name" --overwrite true --progress false > "$OUT/$name.log"

@@ -12,6 +12,7 @@ import torch
 
 import slimflow
 from slimflow.data.calibration import calibration_ids
+from slimflow.method_options import taylor
 from slimflow.models import load_model, load_tokenizer
 
 MODEL = "../shared/models/ref-llama-27m"
@@ -26,8 +27,8 @@ def main(out: str, methods: list[str]) -> None:
     for method in methods:
         model = load_model(MODEL, dtype="float32")
         start = time.perf_counter()
-        report = slimflow.prune(model, calib, ratio=0.3, method=method, progress=False, device="cpu",
-                                method_kwargs={"grad_batch_size": 4} if method in ("taylor",) else None)
+        spec = taylor(grad_batch_size=4) if method == "taylor" else method
+        report = slimflow.prune(model, calib, ratio=0.3, method=spec, progress=False, device="cpu")
         snapshot[method] = {"layers": [[r.kept_units, r.kept_channels] for r in report.layers],
                             "seconds": round(time.perf_counter() - start, 1)}
         print(method, snapshot[method]["seconds"], flush=True)

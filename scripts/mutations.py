@@ -19,7 +19,7 @@ MUTATIONS = [
     ("SlimLLM layer allocation reversed", "slimflow/methods/slimllm.py",
      "softmax_shape(self.layer_similarity, alpha, k)", "softmax_shape([-s for s in self.layer_similarity], alpha, k)"),
     ("no propagation between layers", "slimflow/pipeline.py",
-     "            _propagate(job.layer, job.index, job.inputs, job.batch_size, job.adapter, job.replay)",
+     "            _propagate(job.layer, job.index, job.inputs, job.batch_size, job.adapter, job.replay, job.dense_layer)",
      "            pass"),
     ("LLM Surgeon removes the most expensive units", "slimflow/methods/llm_surgeon.py",
      "key=lambda e: e[0] / e[4] if per_param else e[0])", "key=lambda e: e[0] / e[4] if per_param else e[0], reverse=True)"),

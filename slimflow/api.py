@@ -13,10 +13,10 @@ from slimflow import distributed
 from slimflow.adapters import ModelAdapter, get_adapter
 from slimflow.allocation import adaptive_plan, check_schedule_options
 from slimflow.algorithms.schedules import ADAPTIVE, LayerShape, Plan, ScheduleError, plan_layers
+from slimflow.method_options import MethodOptions
 from slimflow.methods import get_method
-from slimflow.methods.base import Budget
-from slimflow.methods.common import check_schedule
-from slimflow.pipeline import LayerResult, PhaseTimes, prune_global, prune_layers
+from slimflow.methods.base import Budget, PruningMethod
+from slimflow.pipeline import Engine, LayerResult, PhaseTimes
 
 
 @dataclass
@@ -153,7 +153,7 @@ def prune(
     calibration: torch.Tensor,
     ratio: float = 0.2,
     schedule: str | None = None,
-    method: str = "slimgpt",
+    method: str | MethodOptions | PruningMethod = "slimgpt",
     *,
     reference_params: int | None = None,
     spread: float = 4.0,
@@ -182,8 +182,9 @@ def prune(
             `log_increase` (SlimGPT's incremental ratio).
             None (default): `log_increase`, or the method's own allocation for methods that allocate widths
             (flap, llm-surgeon, slimllm); giving a schedule to those is refused (see docs/methods.md).
-        method: registered method name (`slimgpt`, `magnitude`, `wanda-sp`, `flap`, `taylor`, `slimllm`,
-            `llm-surgeon`).
+        method: a registered method name (`slimgpt`, `magnitude`, `wanda-sp`, `flap`, `taylor`, `slimllm`,
+            `llm-surgeon`: default options), its options (`slimflow.method_options.slimgpt(damp=0.02)`, ...) or a
+            `PruningMethod`.
         reference_params: parameter count the ratio refers to (default: the model as passed). Iterative
             recipes pass the original dense count so that `ratio=0.35` means 35% of the original model.
         spread: `r_max / r_min` of the non-uniform schedules.
@@ -194,7 +195,7 @@ def prune(
         device: where each layer is processed (default: CUDA if available, else where the model is). The
             model may stay on the CPU; only the current layer is moved.
         progress: show a progress bar per layer.
-        method_kwargs: extra arguments of the method (e.g. `{"damp": 0.01}` for SlimGPT).
+        method_kwargs: deprecated: options of a method given by name, as a mapping (use its options class).
         replay_attention: reuse each layer's stored attention outputs after head removal instead of
             recomputing attention (default; False gives the same result up to rounding, slower).
         data_parallel: share the calibration work over the processes of `process_group` (every rank passes
@@ -224,54 +225,39 @@ def prune(
     pruner = get_method(method, **(method_kwargs or {}))
     dp = distributed.resolve(data_parallel, process_group)
     dp.check_same(calibration)
-    shard = dp.shard(calibration)
     pruner.data_parallel = dp
     progress = progress and dp.rank == 0
-    schedule = check_schedule(pruner, schedule)
+    schedule = pruner.resolve_schedule(schedule)
     check_schedule_options(schedule, schedule_options)
     channel_multiple = resolve_channel_multiple(model, adapter, channel_multiple)
-    layer_plan = plan(model, ratio, schedule or "uniform", reference_params, spread, max_layer_ratio, channel_multiple)
+
+    def schedule_widths() -> Plan:
+        return plan(model, ratio, schedule or "uniform", reference_params, spread, max_layer_ratio, channel_multiple)
+
+    schedule_widths()  # an impossible request fails here, before the method changes the model
     dev = _resolve_device(device, model)
-    if pruner.adds_bias:
-        adapter.add_output_biases(model)
-        layer_plan = plan(model, ratio, schedule or "uniform", reference_params, spread, max_layer_ratio,
-                          channel_multiple)
+    pruner.prepare_model(model, adapter)
+    layer_plan = schedule_widths()  # of the model as the method prepared it (added biases count)
     was_training = model.training
     model.eval()
     use_cache = getattr(model.config, "use_cache", None)
     times = PhaseTimes()
-    allocation_info = None
+    allocation: dict = {}
     try:
         budget = Budget(layer_shapes(model, adapter), ratio * reference_params - (reference_params -
                         surgery.count_parameters(model)), ratio, reference_params, channel_multiple, max_layer_ratio)
-        if pruner.prunes_globally:
-            results = prune_global(model, adapter, calibration, pruner, budget.target_params, dev, progress,
-                                   max_layer_ratio or getattr(pruner, "max_layer_ratio", 0.9), times, dp)
-        else:
-            t = time.perf_counter()
-            layers = pruner.prepare(model, adapter, shard, budget, dev, batch_size)
-            times.extra["prepare"] = round(time.perf_counter() - t, 4)
-            if layers is None and schedule == ADAPTIVE:
-                fixed = _fixed_shape_plans(model, ratio, reference_params, max_layer_ratio, channel_multiple)
-                layers, allocation_info = adaptive_plan(
-                    model, adapter, calibration, budget.shapes, budget.target_params, channel_multiple,
-                    max_layer_ratio, dev, batch_size, damp=getattr(pruner, "damp", 0.01),
-                    exact_head_score=getattr(pruner, "exact_head_score", False), progress=progress,
-                    times=times.extra, fixed_plans=fixed, method=pruner if layer_store is None else None,
-                    **(schedule_options or {}))
-            if layers is None:
-                layers = layer_plan.layers
-            layers = dp.broadcast_object(layers)  # one width plan everywhere, even from a method's own allocation
-            results = prune_layers(model, adapter, shard, layers, pruner, dev, batch_size, progress,
-                                   times=times, replay_attention=replay_attention, data_parallel=dp,
-                                   store=layer_store, correct_drift=correct_drift)
+        engine = Engine(model, adapter, pruner, calibration, dp.shard(calibration), budget.target_params, dev,
+                        batch_size, progress, times, replay_attention, dp, layer_store,
+                        max_layer_ratio, correct_drift)
+        results = _run_hooks(pruner, engine, budget, layer_plan, schedule, schedule_options, allocation)
     finally:
         model.train(was_training)
     if use_cache is not None:
         model.config.use_cache = use_cache
     record_widths(model, [r.widths for r in results])
+    allocation_info = allocation.get("info")
     settings = {
-        "method": pruner.name, "method_kwargs": method_kwargs or {}, "ratio": ratio, "schedule": schedule,
+        "method": pruner.name, "method_options": pruner.options.to_dict(), "ratio": ratio, "schedule": schedule,
         "spread": spread, "max_layer_ratio": max_layer_ratio, "channel_multiple": channel_multiple,
         "num_samples": int(calibration.shape[0]), "seqlen": int(calibration.shape[1]), "batch_size": batch_size,
         "device": str(dev), "model_type": model.config.model_type,
@@ -283,6 +269,31 @@ def prune(
         settings["allocation"] = allocation_info
     return PruneReport(settings, params_before, surgery.count_parameters(model), reference_params, ratio, results,
                        time.perf_counter() - start, times.as_dict())
+
+
+def _run_hooks(pruner: PruningMethod, engine: Engine, budget: Budget, layer_plan: Plan, schedule: str | None,
+               schedule_options: dict | None, allocation: dict) -> list[LayerResult]:
+    """The method's `prepare`, `allocate` and `run`; the schedule's widths are computed only if `allocate` asks."""
+    times = engine.times
+    t = time.perf_counter()
+    pruner.prepare(engine.model, engine.adapter, engine.shard, budget, engine.device, engine.batch_size)
+    times.extra["prepare"] = round(time.perf_counter() - t, 4)
+
+    def schedule_plan():
+        if schedule != ADAPTIVE:
+            return layer_plan.layers
+        settings = {"damp": 0.01, "exact_head_score": False} | pruner.allocation_settings()
+        fixed = _fixed_shape_plans(engine.model, budget.fraction, budget.reference_params, budget.max_layer_ratio,
+                                   budget.channel_multiple)
+        layers, allocation["info"] = adaptive_plan(
+            engine.model, engine.adapter, engine.calibration, budget.shapes, budget.target_params,
+            budget.channel_multiple, budget.max_layer_ratio, engine.device, engine.batch_size, progress=engine.progress,
+            times=times.extra, fixed_plans=fixed, method=pruner if engine.store is None else None, **settings,
+            **(schedule_options or {}))
+        return layers
+
+    plans = engine.data_parallel.broadcast_object(pruner.allocate(budget, schedule_plan))  # one width plan everywhere
+    return pruner.run(engine, plans)
 
 
 def record_widths(model: nn.Module, widths: list[surgery.LayerWidths]) -> None:

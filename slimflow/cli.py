@@ -57,6 +57,74 @@ def _underscore_options(argv: list[str]) -> list[str]:
     return out
 
 
+def _method_names(argv: list[str]) -> list[str]:
+    """`--method llm-surgeon` -> `--method llm_surgeon` (also `--trainer.callbacks.method ...`): the spelling
+    under which jsonargparse finds the method's options class (`slimflow.method_options`)."""
+    from slimflow.method_options import command_line_name
+
+    out = []
+    for i, arg in enumerate(argv):
+        m = re.match(r"^(--(?:[A-Za-z0-9_.]*\.)?method(?:\.help)?)=(.*)$", arg)
+        if m:
+            arg = f"{m.group(1)}={command_line_name(m.group(2))}"
+        elif i and re.match(r"^--(?:[A-Za-z0-9_.]*\.)?method(?:\.help)?$", argv[i - 1]):
+            arg = command_line_name(arg)
+        out.append(arg)
+    return out
+
+
+def _check_method_options(argv: list[str], default: str = "slimgpt") -> None:
+    """`--method NAME --method.OPTION VALUE ...` of a function command: an unknown option or a value of the wrong
+    type is a one-line `InvalidValueError` naming the method's options (jsonargparse would explain its union)."""
+    import yaml
+
+    from slimflow.method_options import BUILTIN
+
+    name, values, i = default, {}, 0
+    while i < len(argv):
+        m = re.match(r"^--method(?:\.(\w+))?(?:=(.*))?$", argv[i])
+        if m and m.group(1) != "help":
+            value = m.group(2)
+            if value is None and i + 1 < len(argv):
+                value, i = argv[i + 1], i + 1
+            if m.group(1) is None:
+                name, values = value, {}
+            elif value is not None:
+                try:
+                    values[m.group(1)] = yaml.safe_load(value)
+                except yaml.YAMLError:
+                    values[m.group(1)] = value
+        i += 1
+    cls = next((c for c in BUILTIN if name in (c.method, c.__name__)), None)
+    if cls is not None and values:
+        cls.build(values)
+
+
+def _check_config_method_options(argv: list[str]) -> None:
+    """The same one-line check for the `method` of a `StructuredPruning` callback in a `--config` YAML of `fit` (a
+    mistyped option there would otherwise be explained by jsonargparse through every Callback type)."""
+    import yaml
+
+    from slimflow.method_options import BUILTIN
+
+    paths = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for path in paths:
+        try:
+            config = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError):
+            continue  # the parser reports it
+        callbacks = ((config or {}).get("trainer") or {}).get("callbacks") if isinstance(config, dict) else None
+        for callback in callbacks if isinstance(callbacks, list) else []:
+            spec = callback.get("init_args", {}).get("method") if isinstance(callback, dict) else None
+            if not (isinstance(spec, dict) and str(callback.get("class_path", "")).endswith("StructuredPruning")):
+                continue
+            name = str(spec.get("class_path", "")).rsplit(".", 1)[-1]
+            cls = next((c for c in BUILTIN if name in (c.method, c.__name__)), None)
+            if cls is not None and isinstance(spec.get("init_args"), dict):
+                cls.build(spec["init_args"])
+
+
 def _bare_flags(argv: list[str], flags: set[str]) -> list[str]:
     """`--overwrite` without a value means `--overwrite true` for the boolean options in `flags`."""
     out = []
@@ -94,9 +162,11 @@ def run_function_command(name: str, argv: list[str]):
 
     func = _load(FUNCTION_COMMANDS[name])
     flags = {p.name for p in inspect.signature(func).parameters.values() if p.annotation in (bool, "bool", "bool | None")}
-    argv = _bare_flags(_underscore_options(argv), flags)
+    argv = _method_names(_bare_flags(_underscore_options(argv), flags))
     if name == "report":
         argv = _join_positionals(argv)
+    if "method" in inspect.signature(func).parameters:
+        _check_method_options(argv)
     return auto_cli(func, args=argv, prog=f"slimflow {name}", description=f"slimflow {name}: {SUMMARIES[name]}.",
                     allow_abbrev=False)
 
@@ -168,9 +238,10 @@ def _dispatch(argv: list[str]) -> int:
     if command in LIGHTNING_COMMANDS and argv[1:] in (["--help"], ["-h"]):
         return _cached_help(argv)
     if command in LIGHTNING_COMMANDS or command.startswith("-"):
+        _check_config_method_options(argv)
         from slimflow.lightning.cli import lightning_main
 
-        lightning_main(_underscore_options(argv))
+        lightning_main(_method_names(_underscore_options(argv)))
         return 0
     print(f"error: unknown subcommand {command!r}\n\n{_usage()}", file=sys.stderr)
     return 2

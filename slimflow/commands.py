@@ -9,7 +9,9 @@ from pathlib import Path
 
 import yaml
 
+from slimflow import method_options as known_options
 from slimflow.errors import InvalidValueError, OutputExistsError
+from slimflow.method_options import MethodOptions, MethodSpec
 
 
 def prune_command(
@@ -19,13 +21,12 @@ def prune_command(
     output: str,
     ratio: float = 0.2,
     schedule: str | None = None,
-    method: str = "slimgpt",
+    method: MethodSpec = known_options.slimgpt(),
     num_samples: int = 128,
     seqlen: int = 2048,
     sampling: str = "random",
     skip_tokens: int = 0,
     seed: int = 0,
-    damp: float = 0.01,
     method_kwargs: dict | None = None,
     spread: float = 4.0,
     max_layer_ratio: float | None = None,
@@ -49,14 +50,15 @@ def prune_command(
         schedule: per-layer widths: adaptive (from OBS cost curves measured on the calibration data), uniform,
             linear or log_increase (default: log_increase). Methods that allocate widths themselves (flap,
             llm-surgeon, slimllm) refuse a schedule.
-        method: pruning method (slimgpt, magnitude, ...).
+        method: pruning method and its options: a name (slimgpt, magnitude, wanda-sp, taylor, flap, slimllm,
+            llm-surgeon) then `--method.OPTION VALUE`, e.g. `--method llm-surgeon --method.shots 8`;
+            `--method.help NAME` describes a method's options. Options (defaults): {options}.
         num_samples: number of calibration sequences.
         seqlen: tokens per calibration sequence.
         sampling: random (seeded windows) or tail (consecutive windows from the end of the text).
         skip_tokens: ignore this many leading tokens of the calibration text (random sampling).
         seed: seed of the calibration sampling; pruning is deterministic for a given seed.
-        damp: Hessian damping λ (SlimGPT).
-        method_kwargs: further method options as a mapping, e.g. '{"exact_head_score": false}' for SlimGPT.
+        method_kwargs: deprecated: method options as a mapping; use `--method.OPTION VALUE`.
         spread: r_max / r_min of the linear and log_increase schedules.
         max_layer_ratio: optional cap on any single layer's ratio.
         channel_multiple: keep each FFN width a multiple of this (default: 64 for FFNs of 4096+ channels, else 1).
@@ -72,7 +74,7 @@ def prune_command(
             when the weights would take more than half the available host memory. Needs a local safetensors
             directory and a layer-wise method (slimgpt, magnitude, wanda-sp). See docs/scale.md.
     """
-    arguments = dict(locals())
+    arguments = dict(locals()) | {"method": known_options.as_config(method)}
     import contextlib
 
     import torch
@@ -84,7 +86,6 @@ def prune_command(
     from slimflow.data.calibration import calibration_ids, check_calibration_options
     from slimflow.errors import require_existing
     from slimflow.methods import get_method
-    from slimflow.methods.common import check_schedule
     from slimflow.models import check_model_source, load_model, load_tokenizer, resolve_device, resolve_dtype
     from slimflow.models import source_dtype
     from slimflow.reporting import plot_widths
@@ -104,10 +105,9 @@ def prune_command(
     check_calibration_options(num_samples, seqlen, sampling, skip_tokens)
     if schedule is not None and schedule not in (ADAPTIVE, *SCHEDULES):
         raise ScheduleError(f"unknown schedule {schedule!r}; choose one of {', '.join((ADAPTIVE, *SCHEDULES))}")
-    method_kwargs = ({"damp": damp} if method == "slimgpt" else {}) | dict(method_kwargs or {})
     # unknown method, bad method option or a schedule the method refuses
-    pruner = get_method(method, **method_kwargs)
-    planned_schedule = check_schedule(pruner, schedule) or "uniform"
+    pruner = get_method(method, **(method_kwargs or {}))
+    planned_schedule = pruner.resolve_schedule(schedule) or "uniform"
     check_model_source(model, prunable=True)
     require_existing(calibration, "calibration text")
     max_pos = _max_positions(model)
@@ -136,9 +136,9 @@ def prune_command(
         if not stream and dev.type == "cuda" and torch.cuda.get_device_properties(dev).total_memory > 2 * sum(
                 p.numel() * p.element_size() for p in net.parameters()):
             net.to(dev)
-        report = run_prune(net, ids, ratio, schedule, method, spread=spread, max_layer_ratio=max_layer_ratio,
+        report = run_prune(net, ids, ratio, schedule, pruner, spread=spread, max_layer_ratio=max_layer_ratio,
                            channel_multiple=channel_multiple, batch_size=batch_size, device=dev, progress=progress,
-                           method_kwargs=method_kwargs, schedule_options=schedule_options,
+                           schedule_options=schedule_options,
                            layer_store=session.layers if stream else None)
         info = report.to_dict()
         info["calibration"] = {"source": calibration, "sampling": sampling, "seed": seed, "skip_tokens": skip_tokens}
@@ -163,6 +163,7 @@ def prune_command(
     return {"output": str(out), "params_before": report.params_before, "params_after": report.params_after}
 
 
+prune_command.__doc__ = prune_command.__doc__.replace("{options}", known_options.options_help())
 prune = prune_command  # the CLI loads `prune_command`: a lookup of `slimflow.prune` would import torch
 
 
@@ -204,7 +205,7 @@ def compare(
     model: str,
     calibration: str,
     output: str,
-    methods: list[str] = ["slimgpt", "magnitude", "wanda-sp", "flap", "taylor", "slimllm", "llm-surgeon"],
+    methods: list[MethodSpec] = ["slimgpt", "magnitude", "wanda-sp", "flap", "taylor", "slimllm", "llm-surgeon"],
     ratios: list[float] = [0.2, 0.5],
     num_samples: int = 128,
     seqlen: int = 512,
@@ -230,14 +231,17 @@ def compare(
         model: local model directory or hub id.
         calibration: calibration text (local .txt/.json/.jsonl, optionally .gz, or a hub dataset name).
         output: directory for the table, plot and JSON (must not exist unless --overwrite).
-        methods: methods to compare (see docs/methods.md).
+        methods: methods to compare, each a name or a `{class_path: NAME, init_args: {OPTION: VALUE}}` mapping,
+            e.g. '[slimgpt, {class_path: llm_surgeon, init_args: {shots: 8}}]' (see docs/methods.md). Options
+            (defaults): {options}.
         ratios: fractions of the total parameters to remove.
         num_samples: calibration sequences.
         seqlen: tokens per calibration sequence.
         sampling: random or tail (consecutive windows from the end of the text).
         seed: seed of random sampling.
         grad_samples: calibration sequences for the gradient methods (taylor, llm-surgeon); default all.
-        method_options: per-method options, e.g. '{"llm-surgeon": {"shots": 8}}'.
+        method_options: deprecated: options per method name, e.g. '{"llm-surgeon": {"shots": 8}}'; give them in
+            --methods instead.
         perplexity: perplexity specs NAME:WINDOW[:MAX_TOKENS], e.g. wikitext2:128 or path.txt.gz:128:400000.
         max_windows: score only the first windows of each text.
         batch_size: sequences per forward pass (pruning and evaluation).
@@ -246,7 +250,7 @@ def compare(
         overwrite: replace an existing output directory.
         progress: show progress bars.
     """
-    arguments = dict(locals())
+    arguments = dict(locals()) | {"methods": [known_options.as_config(m) for m in methods]}
     from slimflow.api import prune as run_prune
     from slimflow.data.calibration import calibration_ids, check_calibration_options
     from slimflow.errors import require_existing
@@ -257,11 +261,11 @@ def compare(
     out = Path(output)
     check_output(out, overwrite, COMPARE_MARKERS, "slimflow compare output")
     options = method_options or {}
-    unknown = sorted(set(options) - set(methods))
+    # unknown method or option: fail before any work
+    pruners = [get_method(spec, **options.get(_name_of(spec), {})) for spec in methods]
+    unknown = sorted(set(options) - {p.name for p in pruners})
     if unknown:
         raise InvalidValueError(f"--method-options names {', '.join(unknown)}, which --methods does not list")
-    for name in methods:
-        get_method(name, **options.get(name, {}))  # unknown method or option: fail before any work
     if not ratios or any(not 0 < r < 1 for r in ratios):
         raise InvalidValueError(f"--ratios must be fractions in (0, 1), got {ratios}")
     dev = resolve_device(device)
@@ -287,10 +291,11 @@ def compare(
              "seconds": 0.0, "samples": 0, "ppl": evaluate(net)}]
     del net
     for ratio in ratios:
-        for name in methods:
+        for built in pruners:
             net = load_model(model, dtype=dt, device=dev)
-            pruner = get_method(name, **options.get(name, {}))
-            calib = ids[:grad_samples] if pruner.needs_gradients and grad_samples else ids
+            pruner = get_method(built.options)  # a fresh method per run: its state starts empty
+            name = pruner.name
+            calib = pruner.gradient_calibration(ids, grad_samples)
             start = time.perf_counter()
             report = run_prune(net, calib, ratio, None, pruner, batch_size=batch_size, device=dev, progress=progress)
             seconds = time.perf_counter() - start
@@ -307,6 +312,15 @@ def compare(
         _comparison_plot(rows, perplexity, ratios, staging / "comparison.png")
     print(table)
     return {"output": str(out), "rows": len(rows)}
+
+
+def _name_of(spec: MethodSpec) -> str:
+    if isinstance(spec, MethodOptions):
+        return spec.method
+    return {cls.__name__: cls.method for cls in known_options.BUILTIN}.get(spec, spec)
+
+
+compare.__doc__ = compare.__doc__.replace("{options}", known_options.options_help())
 
 
 def _comparison_table(rows: list[dict], specs: list[str]) -> str:

@@ -297,7 +297,7 @@ def _set_weight(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | No
     linear.weight.data.copy_(weight.to(linear.weight.dtype))
     if bias is not None:
         if linear.bias is None:
-            raise ValueError("the method returned a bias for a projection without one (see PruningMethod.adds_bias)")
+            raise ValueError("the method returned a bias for a projection without one (its prepare_model adds them)")
         linear.bias.data.add_(bias.to(linear.bias.dtype))
 
 
@@ -433,6 +433,19 @@ def _finish_layer(job: _LayerJob) -> LayerResult:
     return job.result
 
 
+def _prune_layer(job: _LayerJob) -> LayerResult:
+    """One layer's steps, the method's layer hooks around them."""
+    job.method.begin_layer(job.index, job.layer, job.adapter)
+    if job.plan.remove_units:
+        _remove_head_units(job)
+    if job.plan.remove_channels:
+        _remove_channels(job)
+    _propagate_outputs(job)
+    result = _finish_layer(job)
+    job.method.end_layer(job.index, job.layer)
+    return result
+
+
 @contextmanager
 def _layer_on(layer: nn.Module, index: int, device: torch.device, times: PhaseTimes, store):
     """The layer on `device` while it is pruned, handed back to `store` afterwards (time counted as `transfer`)."""
@@ -483,39 +496,30 @@ def prune_layers(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tenso
     for index, (layer, plan) in enumerate(zip(layers, plans)):
         with _layer_on(layer, index, device, times, store):
             job = _start_layer(model, adapter, inputs, index, layer, plan, index == len(layers) - 1, settings)
-            method.begin_layer(index, layer, adapter)
-            if plan.remove_units:
-                _remove_head_units(job)
-            if plan.remove_channels:
-                _remove_channels(job)
-            _propagate_outputs(job)
-            results.append(_finish_layer(job))
-            method.end_layer(index, layer)
+            results.append(_prune_layer(job))
         bar.set_postfix(heads=job.result.widths.num_attention_heads, channels=job.result.widths.intermediate_size)
         bar.update()
     bar.close()
     return results
 
 
-def prune_global(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor, method: PruningMethod,
-                 target_params: float, device: torch.device, progress: bool = True,
-                 max_layer_ratio: float = 0.9, times: PhaseTimes | None = None,
-                 data_parallel: DataParallel | None = None) -> list[LayerResult]:
-    """Multi-shot whole-model pruning for methods with `prunes_globally` (e.g. LLM Surgeon).
+@dataclass
+class _GlobalState:
+    """What the shots of `prune_global` share: per layer its result so far and the original indices still kept."""
 
-    Shot t of `method.shots` asks `method.global_shot` for decisions that bring the removed parameters to
-    `t/T·target_params`, writes the compensated weights and deletes the units, so the next shot sees the
-    smaller model. The whole model is moved to `device`. `input_ids` holds all calibration sequences; under
-    `data_parallel` the method shards them itself, and rank 0's decisions are applied on every rank.
-    """
-    times = times or PhaseTimes()
-    dp = data_parallel or DataParallel.local()
-    layers = adapter.layers(model)
-    home = next(model.parameters()).device
-    model.to(device)
-    start_params = surgery.count_parameters(model)
+    results: list[LayerResult]
+    kept_units: list[list[int]]
+    kept_channels: list[list[int]]
+    floors: list[tuple[int, int]]
+
+    def limits(self) -> list[tuple[int, int]]:
+        """Per layer: how many head units and channels it may still lose."""
+        return [(len(u) - fu, len(c) - fc) for u, c, (fu, fc) in zip(self.kept_units, self.kept_channels, self.floors)]
+
+
+def _start_global(model: nn.Module, adapter: ModelAdapter, max_layer_ratio: float) -> _GlobalState:
     results, kept_units, kept_channels = [], [], []
-    for index, layer in enumerate(layers):
+    for index, layer in enumerate(adapter.layers(model)):
         heads, kv = adapter.layer_heads(model, layer)
         channels = adapter.layer_intermediate(layer)
         kept_units.append(list(range(kv)))
@@ -524,46 +528,107 @@ def prune_global(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tenso
                                    surgery.LayerWidths(heads, kv, channels)))
     floors = [(max(1, math.ceil(len(u) * (1 - max_layer_ratio))), max(1, math.ceil(len(c) * (1 - max_layer_ratio))))
               for u, c in zip(kept_units, kept_channels)]
+    return _GlobalState(results, kept_units, kept_channels, floors)
+
+
+def _apply_shot(model: nn.Module, adapter: ModelAdapter, state: _GlobalState, decisions: dict) -> None:
+    """Write a shot's compensated weights and delete its units; indices are of the current (shrunk) layer."""
+    layers = adapter.layers(model)
     head_dim = adapter.head_dim(model)
-    shots = getattr(method, "shots", 1)
+    for index, (heads_d, chans_d) in decisions.items():
+        layer, result = layers[index], state.results[index]
+        if heads_d is not None:
+            _set_weight(adapter.o_proj(layer), heads_d.weight, heads_d.bias)
+            drop = set(heads_d.removed)
+            keep = [u for u in range(len(state.kept_units[index])) if u not in drop]
+            surgery.prune_heads(adapter, layer, head_dim, keep)
+            state.kept_units[index] = [state.kept_units[index][u] for u in keep]
+            result.attn_error += heads_d.cost or 0.0
+        if chans_d is not None:
+            _set_weight(adapter.down_proj(layer), chans_d.weight, chans_d.bias)
+            drop = set(chans_d.removed)
+            keep = [c for c in range(len(state.kept_channels[index])) if c not in drop]
+            surgery.prune_channels(adapter, layer, keep)
+            state.kept_channels[index] = [state.kept_channels[index][c] for c in keep]
+            result.ffn_error += chans_d.cost or 0.0
+
+
+def _finish_global(model: nn.Module, adapter: ModelAdapter, state: _GlobalState) -> list[LayerResult]:
+    for index, (layer, result) in enumerate(zip(adapter.layers(model), state.results)):
+        heads_now, kv_now = adapter.layer_heads(model, layer)
+        result.kept_units, result.kept_channels = state.kept_units[index], state.kept_channels[index]
+        result.widths = surgery.LayerWidths(heads_now, kv_now, adapter.layer_intermediate(layer))
+        # the mean of the removed head and channel shares (the method sets them independently)
+        result.ratio = 1 - (heads_now / result.heads_before + result.widths.intermediate_size / result.channels_before) / 2
+    return state.results
+
+
+def prune_global(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor, shot, shots: int,
+                 target_params: float, device: torch.device, progress: bool = True,
+                 max_layer_ratio: float = 0.9, times: PhaseTimes | None = None,
+                 data_parallel: DataParallel | None = None) -> list[LayerResult]:
+    """Multi-shot whole-model pruning (e.g. LLM Surgeon, through its `run` hook and `Engine.prune_in_shots`).
+
+    Shot t of `shots` asks `shot(model, adapter, input_ids, remove_params, device, limits)` for decisions
+    (`{layer: (head Decision | None, channel Decision | None)}`) that bring the removed parameters to
+    `t/T·target_params`, writes the compensated weights and deletes the units, so the next shot sees the
+    smaller model. No layer loses more than `max_layer_ratio` of its heads or channels. The whole model is moved
+    to `device`. `input_ids` holds all calibration sequences; under `data_parallel` the method shards them
+    itself, and rank 0's decisions are applied on every rank.
+    """
+    times = times or PhaseTimes()
+    dp = data_parallel or DataParallel.local()
+    layers = adapter.layers(model)
+    home = next(model.parameters()).device
+    model.to(device)
+    start_params = surgery.count_parameters(model)
+    state = _start_global(model, adapter, max_layer_ratio)
     try:
-        for shot in tqdm(range(1, shots + 1), desc="pruning shots", unit="shot", disable=not progress):
-            todo = target_params * shot / shots - (start_params - surgery.count_parameters(model))
+        for step in tqdm(range(1, shots + 1), desc="pruning shots", unit="shot", disable=not progress):
+            todo = target_params * step / shots - (start_params - surgery.count_parameters(model))
             if todo <= 0:
                 continue
             t = time.perf_counter()
-            limits = [(len(u) - fu, len(c) - fc) for u, c, (fu, fc) in zip(kept_units, kept_channels, floors)]
-            decisions = method.global_shot(model, adapter, input_ids, todo, device, limits)
+            decisions = shot(model, adapter, input_ids, todo, device, state.limits())
             decisions = dp.broadcast_decisions(decisions, lambda i, kind: (
                 adapter.o_proj(layers[i]) if kind == 0 else adapter.down_proj(layers[i])).weight)
             _sync(device)
             times.statistics += time.perf_counter() - t
             t = time.perf_counter()
-            for index, (heads_d, chans_d) in decisions.items():
-                layer, result = layers[index], results[index]
-                if heads_d is not None:
-                    o_proj = adapter.o_proj(layer)
-                    _set_weight(o_proj, heads_d.weight, heads_d.bias)
-                    drop = set(heads_d.removed)
-                    keep = [u for u in range(len(kept_units[index])) if u not in drop]
-                    surgery.prune_heads(adapter, layer, head_dim, keep)
-                    kept_units[index] = [kept_units[index][u] for u in keep]
-                    result.attn_error += getattr(heads_d, "cost", 0.0)
-                if chans_d is not None:
-                    down = adapter.down_proj(layer)
-                    _set_weight(down, chans_d.weight, chans_d.bias)
-                    drop = set(chans_d.removed)
-                    keep = [c for c in range(len(kept_channels[index])) if c not in drop]
-                    surgery.prune_channels(adapter, layer, keep)
-                    kept_channels[index] = [kept_channels[index][c] for c in keep]
-                    result.ffn_error += getattr(chans_d, "cost", 0.0)
+            _apply_shot(model, adapter, state, decisions)
             times.surgery += time.perf_counter() - t
     finally:
         model.to(home)
-    for index, (layer, result) in enumerate(zip(layers, results)):
-        heads_now, kv_now = adapter.layer_heads(model, layer)
-        result.kept_units, result.kept_channels = kept_units[index], kept_channels[index]
-        result.widths = surgery.LayerWidths(heads_now, kv_now, adapter.layer_intermediate(layer))
-        # the mean of the removed head and channel shares (the method sets them independently)
-        result.ratio = 1 - (heads_now / result.heads_before + result.widths.intermediate_size / result.channels_before) / 2
-    return results
+    return _finish_global(model, adapter, state)
+
+
+@dataclass
+class Engine:
+    """The `PruneEngine` a method's `run` hook drives: the layer-wise pass over its widths, or pruning in shots.
+
+    `calibration` holds all sequences, `shard` this rank's share (the same tensor without data parallelism)."""
+
+    model: nn.Module
+    adapter: ModelAdapter
+    method: PruningMethod
+    calibration: torch.Tensor
+    shard: torch.Tensor
+    target_params: float
+    device: torch.device
+    batch_size: int = 8
+    progress: bool = True
+    times: PhaseTimes = field(default_factory=PhaseTimes)
+    replay_attention: bool = True
+    data_parallel: DataParallel = field(default_factory=DataParallel.local)
+    store: object = None
+    max_layer_ratio: float | None = None  # the caller's cap, which overrides a method's own
+    correct_drift: bool = False
+
+    def prune_layers(self, plans: list[LayerPlan]) -> list[LayerResult]:
+        return prune_layers(self.model, self.adapter, self.shard, plans, self.method, self.device, self.batch_size,
+                            self.progress, times=self.times, replay_attention=self.replay_attention,
+                            data_parallel=self.data_parallel, store=self.store, correct_drift=self.correct_drift)
+
+    def prune_in_shots(self, shots: int, shot, max_layer_ratio: float) -> list[LayerResult]:
+        return prune_global(self.model, self.adapter, self.calibration, shot, shots, self.target_params, self.device,
+                            self.progress, self.max_layer_ratio or max_layer_ratio, self.times, self.data_parallel)

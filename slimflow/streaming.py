@@ -88,10 +88,8 @@ def _stored_itemsize(path: Path) -> int:
 
 
 def check_streamable(pruner: PruningMethod) -> None:
-    """Streaming needs a method that decides layer by layer from that layer alone."""
-    whole_model = (pruner.prunes_globally or pruner.adds_bias
-                   or type(pruner).prepare is not PruningMethod.prepare)
-    if whole_model:
+    """Streaming needs a method that decides layer by layer from that layer alone (`PruningMethod.streamable`)."""
+    if not pruner.streamable():
         raise NotStreamableError(f"method {pruner.name!r} needs the whole model in memory (global statistics, "
                              "gradients or added biases); stream with slimgpt, magnitude or wanda-sp, or pass "
                              "--streaming false")
@@ -272,15 +270,17 @@ def streaming_checkpoint(source, output, dtype: torch.dtype = torch.float32, sav
 
 def prune_streaming(source, output, calibration: torch.Tensor, ratio: float = 0.2, *, tokenizer=None,
                     dtype: torch.dtype = torch.float32, save_dtype: torch.dtype | None = None,
-                    device: str | torch.device | None = None, method: str = "slimgpt", overwrite: bool = False,
+                    device: str | torch.device | None = None, method: "str | PruningMethod" = "slimgpt", overwrite: bool = False,
                     record: dict | None = None, **prune_kwargs):
     """`slimflow.prune` + `save_pruned` of the checkpoint directory `source` into `output`, streaming layer by
     layer (identical weights, bounded host memory). `prune_kwargs` are `slimflow.prune`'s (schedule, spread,
-    method_kwargs, ...); `record` adds entries to pruning.json. Returns the `PruneReport`."""
+    ...); `method` is a name, options or a method, as there; `record` adds entries to pruning.json. Returns the
+    `PruneReport`."""
     from slimflow.api import prune
     from slimflow.methods import get_method
 
-    check_streamable(get_method(method, **(prune_kwargs.get("method_kwargs") or {})))
+    method = get_method(method, **(prune_kwargs.pop("method_kwargs", None) or {}))
+    check_streamable(method)
     dev = torch.device(device) if device not in (None, "auto") else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
     with streaming_checkpoint(source, output, dtype, save_dtype, overwrite) as stream:

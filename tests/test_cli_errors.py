@@ -77,6 +77,10 @@ def workdir(tmp_path_factory):
     (root / "fit.yaml").write_text(yaml.safe_dump(_fit_config()))
     (root / "fit_ratio.yaml").write_text(yaml.safe_dump(_fit_config(ratio=1.5)))
     (root / "fit_kwargs.yaml").write_text(yaml.safe_dump(_fit_config(method_kwargs={"nope": 1})))
+    (root / "fit_option_value.yaml").write_text(yaml.safe_dump(_fit_config(
+        method={"class_path": "llm_surgeon", "init_args": {"shots": 0}})))
+    (root / "fit_option_unknown.yaml").write_text(yaml.safe_dump(_fit_config(
+        method={"class_path": "slimflow.method_options.slimgpt", "init_args": {"dmap": 0.1}})))
     (root / "fit_impossible.yaml").write_text(yaml.safe_dump(_fit_config(ratio=0.97)))
     (root / "notarun").mkdir()
     return root
@@ -101,6 +105,12 @@ ROWS = [
     ("method-kwargs-key", PRUNE + ["--method-kwargs", '{"exact_score": true}'],
      "has no option 'exact_score'; its options (with defaults) are: damp="),
     ("method-kwargs-value", PRUNE + ["--method", "llm-surgeon", "--method-kwargs", '{"shots": 0}'], "shots must be"),
+    ("method-option-unknown", PRUNE + ["--method.exact_score", "true"],
+     "method 'slimgpt' has no option 'exact_score'; its options (with defaults) are: damp=0.01, exact_head_score="),
+    ("method-option-type", PRUNE + ["--method", "llm-surgeon", "--method.shots", "many"],
+     "method 'llm-surgeon': option shots must be int, got 'many'; its options (with defaults) are: shots=5"),
+    ("method-option-value", PRUNE + ["--method=taylor", "--method.grad_batch_size=0"],
+     "method 'taylor': grad_batch_size must be ≥ 1, got 0"),
     ("save-dtype-int8", PRUNE + ["--save-dtype", "int8"], "unknown dtype 'int8'"),
     ("dtype-unknown", PRUNE + ["--dtype", "float8"], "unknown dtype 'float8'"),
     ("device-missing-cuda", PRUNE + ["--device", "cuda:7"], "cuda:7"),
@@ -126,6 +136,9 @@ ROWS = [
     ("fit-checkpoint-missing", FIT + ["--ckpt_path", "nothere.ckpt"], "checkpoint 'nothere.ckpt' not found"),
     ("fit-ratio-range", ["fit", "--config", "fit_ratio.yaml"], "ratios must increase within (0, 1)"),
     ("fit-method-kwargs", ["fit", "--config", "fit_kwargs.yaml"], "has no option 'nope'"),
+    ("fit-method-option-value", ["fit", "--config", "fit_option_value.yaml"], "method 'llm-surgeon': shots must be ≥ 1"),
+    ("fit-method-option-unknown", ["fit", "--config", "fit_option_unknown.yaml"],
+     "method 'slimgpt' has no option 'dmap'; its options (with defaults) are: damp=0.01"),
     ("fit-ratio-impossible", ["fit", "--config", "fit_impossible.yaml"], "ratio"),
     # eval
     ("eval-no-model", ["eval", "--ppl", "calib.txt:32"], "give the model to evaluate"),
@@ -168,6 +181,15 @@ def test_bad_input(workdir, monkeypatch, capsys, argv, phrase):
     assert phrase in err, err
     assert "Traceback" not in err
     assert snapshot(workdir) == before
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if r[0].startswith(("method-", "fit-method-"))], ids=lambda r: r[0])
+def test_method_option_errors_are_one_line(workdir, monkeypatch, capsys, row):
+    monkeypatch.chdir(workdir)
+    monkeypatch.delenv("SLIMFLOW_DEBUG", raising=False)
+    assert main(list(row[1])) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and row[2] in lines[0], lines
 
 
 def test_debug_shows_the_traceback(workdir, monkeypatch, capsys):

@@ -182,3 +182,52 @@ def test_lightning_command_help_is_kept_after_the_first_call(tmp_path, monkeypat
                           env={**os.environ, "PYTHONPATH": str(REPO), "XDG_CACHE_HOME": str(tmp_path)})
     assert done.returncode == 0, done.stderr
     assert done.stdout == first and done.stderr.strip().endswith("[]")
+
+
+def test_every_method_shows_its_options_in_help_and_print_config(workdir, capsys):
+    """`prune --method NAME --print_config` prints the method's options with their defaults, `--method.help NAME`
+    lists `--method.OPTION` with its help text, and `prune --help` names every method's options."""
+    import yaml
+
+    from slimflow.method_options import BUILTIN
+    from slimflow.methods import available_methods
+
+    options = {cls.method: cls for cls in BUILTIN}
+    assert sorted(options) == available_methods()
+    assert main(["prune", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for name, cls in options.items():
+        listed = ", ".join(f"{k}={v!r}" for k, v in cls.fields().items()) or "none"
+        assert f"{name}: {listed}" in text
+        assert main(["prune", "--model", "m", "--calibration", "c", "--output", "o", "--method", name,
+                     "--print_config"]) == 0
+        config = yaml.safe_load(capsys.readouterr().out)["method"]
+        assert config == {"class_path": f"slimflow.method_options.{cls.__name__}", "init_args": cls().to_dict()}
+        assert main(["prune", "--method.help", name]) == 0
+        shown = " ".join(capsys.readouterr().out.split())
+        for field in cls.fields():
+            assert f"--method.{field} " in shown
+    assert main(["prune", "--method.help", "llm-surgeon"]) == 0
+    assert "--method.shots SHOTS number of shots T of the linear schedule" in " ".join(capsys.readouterr().out.split())
+
+
+def test_fit_print_config_shows_the_method_options(tmp_path, monkeypatch, capsys):
+    """`slimflow fit --print_config`: the pruning callback's method with every option (YAML `method: NAME`, or
+    `class_path: NAME` with some `init_args`)."""
+    import yaml
+
+    import lightning.pytorch  # noqa: F401 - its log handler binds pytest's stream, not this test's capsys
+
+    config = yaml.safe_load((REPO / "configs" / "prune_then_lora.yaml").read_text())
+    callbacks = config["trainer"]["callbacks"]
+    pruning = next(c for c in callbacks if c["class_path"].endswith("StructuredPruning"))
+    for method, expected in (("taylor", {"mode": "param_first", "grad_batch_size": 2}),
+                             ({"class_path": "llm_surgeon", "init_args": {"shots": 8}},
+                              {"shots": 8, "damp": 0.01, "grad_samples": None, "grad_batch_size": 2,
+                               "max_layer_ratio": 0.9, "per_param": True})):
+        pruning["init_args"]["method"] = method
+        (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
+        assert main(["fit", "--config", str(tmp_path / "fit.yaml"), "--print_config"]) == 0
+        printed = yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]
+        shown = next(c for c in printed if c["class_path"].endswith("StructuredPruning"))["init_args"]["method"]
+        assert shown["init_args"] == expected

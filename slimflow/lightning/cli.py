@@ -75,10 +75,10 @@ class SlimflowCLI(LightningCLI):
         if not isinstance(self.trainer.strategy.launcher, _SubprocessScriptLauncher) or self.command_line is None:
             yield
             return
-        from slimflow.cli import _underscore_options
+        from slimflow.cli import _method_names, _underscore_options
 
         program, argv = self.command_line
-        if _underscore_options(program[1:]) != argv:
+        if _method_names(_underscore_options(program[1:])) != argv:
             raise InvalidValueError(f"{self.trainer.world_size} processes are started by re-running the command line, "
                              "and this process was not started as `slimflow fit ...`: run `slimflow fit` as a "
                              "command (or under torchrun), not from Python")

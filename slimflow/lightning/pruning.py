@@ -18,7 +18,9 @@ from slimflow.lightning.data import CalibrationData
 from slimflow.lightning.logs import log_metrics, pruning_metrics, say
 from slimflow.lightning.report import write_pruning_report
 from slimflow.lightning.restore import restore_known_checkpoint, save_architecture
+from slimflow import method_options
 from slimflow.errors import InvalidValueError
+from slimflow.method_options import MethodSpec
 
 
 @dataclass
@@ -116,8 +118,11 @@ class StructuredPruning(SlimflowCallback):
         ratio: fraction of the dense model's parameters removed, or one cumulative fraction per stage.
         at_epochs: epoch at whose start each stage prunes (default `[0]`, i.e. in `setup`).
         schedule: per-layer ratio schedule.
-        method: engine method (`slimgpt`, `magnitude`, ...).
-        method_kwargs: extra method arguments, e.g. `{damp: 0.01}` for SlimGPT.
+        method: pruning method and its options: a name (`slimgpt`, `magnitude`, `wanda-sp`, `taylor`, `flap`,
+            `slimllm`, `llm-surgeon`) or `{class_path: NAME, init_args: {OPTION: VALUE}}` (YAML), e.g.
+            `{class_path: slimgpt, init_args: {damp: 0.02}}`; on the command line `...method slimgpt` then
+            `...method.damp 0.02`. Options (defaults): {options}.
+        method_kwargs: deprecated: options of a method given by name, as a mapping.
         batch_size: calibration sequences per forward pass.
         device: where each layer is processed (default: CUDA if available).
         model_attr: attribute of the LightningModule holding the Hugging Face model.
@@ -127,13 +132,15 @@ class StructuredPruning(SlimflowCallback):
     """
 
     def __init__(self, ratio: float | list[float] = 0.2, at_epochs: list[int] | None = None,
-                 schedule: RatioSchedule | None = None, method: str = "slimgpt", method_kwargs: dict | None = None,
+                 schedule: RatioSchedule | None = None, method: MethodSpec = method_options.slimgpt(),
+                 method_kwargs: dict | None = None,
                  batch_size: int = 8, device: str | None = None, model_attr: str = "model",
                  dirpath: str | None = None, progress: bool = True):
         self.ratios = [float(r) for r in (ratio if isinstance(ratio, (list, tuple)) else [ratio])]
         self.at_epochs = list(at_epochs) if at_epochs is not None else [0]
         self.schedule = schedule or RatioSchedule()
         self.method, self.method_kwargs = method, method_kwargs
+        self.method_name = ""  # set with the options by `_check_options`
         self.batch_size, self.device, self.model_attr = batch_size, device, model_attr
         self.dirpath, self.progress = dirpath, progress
         if len(self.at_epochs) != len(self.ratios):
@@ -155,7 +162,9 @@ class StructuredPruning(SlimflowCallback):
         from slimflow.methods import get_method
         from slimflow.models import resolve_device
 
-        get_method(self.method, **(self.method_kwargs or {}))
+        pruner = get_method(self.method, **(self.method_kwargs or {}))
+        # each prune builds the method anew from its options (a method given built is used as it is)
+        self.method_name, self._method_spec = pruner.name, pruner if pruner is self.method else pruner.options
         if self.device is not None:
             resolve_device(self.device)
 
@@ -242,13 +251,13 @@ class StructuredPruning(SlimflowCallback):
                          f"from {calibrate.data.source}")
         calibration = calibrate.ids(trainer, pl_module, model)
         if self.progress:
-            say(trainer, f"{stage}pruning {self.ratios[k]:.0%} of {self.dense_params:,} parameters with {self.method} "
+            say(trainer, f"{stage}pruning {self.ratios[k]:.0%} of {self.dense_params:,} parameters with {self.method_name} "
                          f"({self.schedule.name}), layer by layer")
         bars = self.progress and trainer.progress_bar_callback is not None  # the Trainer's progress-bar setting
         with torch.no_grad():
-            report = prune(model, calibration, ratio=self.ratios[k], method=self.method,
+            report = prune(model, calibration, ratio=self.ratios[k], method=self._method_spec,
                            reference_params=self.dense_params, batch_size=self.batch_size, device=self._device(trainer),
-                           progress=bars, method_kwargs=self.method_kwargs, **self.schedule.kwargs())
+                           progress=bars, **self.schedule.kwargs())
         self.stage = k + 1
         self.widths = [list(w.to_dict().values()) for w in report.widths]
         self.reports.append(_light_report(report))
@@ -299,3 +308,6 @@ class StructuredPruning(SlimflowCallback):
         self.dense_widths = state_dict["dense_widths"]
         self.widths = state_dict["widths"]
         self.reports = state_dict["reports"]
+
+
+StructuredPruning.__doc__ = StructuredPruning.__doc__.replace("{options}", method_options.options_help())

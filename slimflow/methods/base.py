@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import torch
 
 from slimflow.algorithms.hessian import HessianAccumulator
+from slimflow.algorithms.schedules import LayerPlan
 from slimflow.distributed import DataParallel
 from slimflow.errors import InvalidValueError
+from slimflow.method_options import BUILTIN, MethodOptions
 
 
 @dataclass
@@ -22,34 +24,91 @@ class Decision:
     removed: list[int]
     weight: torch.Tensor
     damping_added: float = 0.0
-    bias: torch.Tensor | None = None  # added to the projection's bias (methods with `adds_bias`)
+    bias: torch.Tensor | None = None  # added to the projection's bias (see `PruningMethod.prepare_model`)
+    cost: float | None = None  # the method's own estimate of the loss increase, if it has one (LLM Surgeon)
+
+
+class PruneEngine(Protocol):
+    """What `PruningMethod.run` drives (implemented by `slimflow.pipeline.Engine`; methods never import it)."""
+
+    def prune_layers(self, plans: list[LayerPlan]) -> list:
+        """The layer-wise pass: per layer `begin_layer`, `prune_heads`, `prune_channels`, `end_layer`."""
+
+    def prune_in_shots(self, shots: int, shot: Callable, max_layer_ratio: float) -> list:
+        """Whole-model pruning in `shots` steps; `shot(model, adapter, calibration, remove_params, device,
+        limits)` returns `{layer: (head Decision | None, channel Decision | None)}`."""
 
 
 class PruningMethod:
-    """A layer-wise structured pruning method.
+    """A structured pruning method: a fixed sequence of hooks that `slimflow.prune` calls on every method.
+
+    Run level, in this order (the defaults are the plain layer-wise method):
+    `resolve_schedule` (which ratio schedule, if any), `prepare_model` (change the model before pruning, e.g.
+    add biases), `prepare` (whole-model statistics), `allocate` (the per-layer widths; default: the schedule's),
+    `run` (default: the layer-wise pass over those widths). Layer level, inside the layer-wise pass:
+    `begin_layer`, `prune_heads`, `prune_channels`, `end_layer`.
 
     `prune_heads` sees the `o_proj` weight (`[hidden, heads·head_dim]`, fp32) and the statistics of its
     inputs; a unit is `unit_size` contiguous input columns (one KV group). `prune_channels` sees `down_proj`.
     Both return a `Decision`. Methods that do not compensate return the weight with the columns zeroed.
+
+    The options are a `slimflow.method_options.MethodOptions` dataclass (`Options`), kept in `self.options`:
+    `SlimGPT(damp=0.02)` equals `SlimGPT(method_options.slimgpt(damp=0.02))`.
     """
 
     name: str = ""
-    compensates: bool = False
-    # Optional capabilities (defaults keep the plain layer-wise contract):
-    adds_bias: bool = False  # decisions carry `bias`; llama-family models get zero biases first
-    allocates_widths: bool = False  # `prepare` returns the per-layer plan; ratio schedules are refused
-    prunes_globally: bool = False  # the whole model at once through `global_shot` (see pipeline.prune_global)
-    needs_gradients: bool = False  # calibration runs backward passes through the model
+    Options: type[MethodOptions] = MethodOptions
     # The processes sharing the calibration set (set by `slimflow.prune`). `prepare` sees this rank's share of
-    # the sequences and sums its own statistics over the group; `global_shot` gets all sequences and shards them.
+    # the sequences and sums its own statistics over the group; a `run` in shots gets all sequences and shards them.
     data_parallel: DataParallel = DataParallel.local()
 
-    def prepare(self, model, adapter, calibration: torch.Tensor, budget: "Budget", device, batch_size: int):
-        """Optional global step before the layer-wise pass (dense-model statistics, gradients).
+    def __init__(self, options: MethodOptions | None = None, **values):
+        if options is not None and values:
+            raise InvalidValueError(f"method {self.name!r}: give its options as one {self.Options.__name__} or as "
+                                    "keywords, not both")
+        if options is None:
+            options = self.Options.build(values)
+        elif not isinstance(options, self.Options):
+            raise InvalidValueError(f"method {self.name!r} takes {self.Options.__name__} options, got "
+                                    f"{type(options).__name__}")
+        self.options = options
 
-        Returns a per-layer plan (`list[LayerPlan]`) when the method allocates widths itself, else None."""
-        return None
+    # ------------------------------------------------------------------------------------------ run level
+    def resolve_schedule(self, schedule: str | None) -> str | None:
+        """The ratio schedule to use for a requested one (None: not given). Methods that allocate the widths
+        themselves refuse any schedule and return None (see `slimflow.methods.common.refuse_schedule`)."""
+        return schedule or "log_increase"
 
+    def prepare_model(self, model, adapter) -> None:
+        """Change the model before anything is measured (methods whose decisions carry biases add them here,
+        through `adapter.add_output_biases`)."""
+
+    def prepare(self, model, adapter, calibration: torch.Tensor, budget: "Budget", device, batch_size: int) -> None:
+        """Whole-model work before the layer-wise pass (dense-model statistics, gradients)."""
+
+    def allocate(self, budget: "Budget", schedule_plan: Callable[[], list[LayerPlan]]) -> list[LayerPlan]:
+        """The per-layer widths. `schedule_plan()` computes those of the ratio schedule (the default)."""
+        return schedule_plan()
+
+    def run(self, engine: PruneEngine, plans: list[LayerPlan]) -> list:
+        """Prune the model; returns one `slimflow.pipeline.LayerResult` per layer. Default: the layer-wise pass."""
+        return engine.prune_layers(plans)
+
+    def streamable(self) -> bool:
+        """Whether each layer is decided from that layer alone, so `slimflow.streaming` may prune with only one
+        layer in memory. A method whose `prepare_model`, `prepare` or `run` needs the whole model says False."""
+        return True
+
+    def allocation_settings(self) -> dict:
+        """Settings of the `adaptive` schedule's cost curves that follow this method (SlimGPT: its damping)."""
+        return {}
+
+    def gradient_calibration(self, calibration: torch.Tensor, limit: int | None) -> torch.Tensor:
+        """The calibration sequences to use when gradient passes are limited to `limit` sequences
+        (`slimflow compare --grad_samples`); methods without gradient passes use them all."""
+        return calibration
+
+    # ---------------------------------------------------------------------------------------- layer level
     def begin_layer(self, index: int, layer, adapter) -> None:
         """Called before layer `index` is calibrated (methods may hook its modules here)."""
 
@@ -89,6 +148,8 @@ _REGISTRY: dict[str, type[PruningMethod]] = {}
 
 
 def register(cls: type[PruningMethod]) -> type[PruningMethod]:
+    if cls.Options is not MethodOptions and cls.Options.method != cls.name:
+        raise ValueError(f"{cls.__name__}.Options configures {cls.Options.method!r}, not {cls.name!r}")
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -97,25 +158,25 @@ def available_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_method(name: str | PruningMethod, **kwargs) -> PruningMethod:
-    if isinstance(name, PruningMethod):
-        return name
+def get_method(spec: "str | MethodOptions | PruningMethod", **values) -> PruningMethod:
+    """The method for a registered name (with `values` as its options), a `MethodOptions`, or a method itself.
+
+    Unknown names and options are one-line `InvalidValueError`s naming the valid ones."""
+    if isinstance(spec, PruningMethod):
+        if values:
+            raise InvalidValueError(f"method {spec.name!r} is already built: pass its options to it, not here")
+        return spec
+    if isinstance(spec, MethodOptions):
+        return _method_class(spec.method)(spec.merged(values))
+    if not isinstance(spec, str):
+        raise InvalidValueError(f"a method is a name ({', '.join(available_methods())}) or its options, got "
+                                f"{type(spec).__name__}")
+    return _method_class(spec)(**values)
+
+
+def _method_class(name: str) -> type[PruningMethod]:
+    name = {cls.__name__: cls.method for cls in BUILTIN}.get(name, name)  # llm_surgeon -> llm-surgeon
     if name not in _REGISTRY:
         raise InvalidValueError(f"unknown pruning method {name!r}; available: {', '.join(available_methods())}")
-    cls = _REGISTRY[name]
-    valid = method_options(cls)
-    unknown = sorted(set(kwargs) - set(valid))
-    if unknown:
-        listed = ", ".join(f"{k}={v!r}" for k, v in valid.items()) or "none"
-        raise InvalidValueError(f"method {name!r} has no option {', '.join(map(repr, unknown))}; its options "
-                                f"(with defaults) are: {listed}")
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as err:  # a value the method refuses, e.g. shots=0
-        raise InvalidValueError(f"method {name!r}: {err}") from err
+    return _REGISTRY[name]
 
-
-def method_options(cls: type[PruningMethod]) -> dict:
-    """The keyword options of a method class and their defaults."""
-    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
-    return {p.name: p.default for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}

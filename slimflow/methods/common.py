@@ -37,17 +37,14 @@ def lowest(scores: torch.Tensor, n: int) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------- plans
-def check_schedule(method, schedule: str | None) -> str | None:
-    """The schedule to use with `method`: refuses a schedule for methods that allocate widths themselves."""
-    if method.allocates_widths:
-        if schedule is not None:
-            raise ScheduleError(
-                f"method {method.name!r} allocates per-layer widths itself, so schedule={schedule!r} cannot be "
-                "combined with it: leave the schedule unset (CLI: omit --schedule)"
-                + (" or pass layer_allocation=False to use a schedule" if hasattr(method, "layer_allocation") else "")
-            )
-        return None
-    return schedule or "log_increase"
+def refuse_schedule(method, schedule: str | None, alternative: str = "") -> None:
+    """`resolve_schedule` of a method that allocates the per-layer widths itself: no schedule may be given."""
+    if schedule is not None:
+        raise ScheduleError(
+            f"method {method.name!r} allocates per-layer widths itself, so schedule={schedule!r} cannot be "
+            "combined with it: leave the schedule unset (CLI: omit --schedule)" + alternative
+        )
+    return None
 
 
 def _removed(plans, shapes) -> int:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 
 from slimflow.algorithms.hessian import HessianAccumulator
+from slimflow import method_options
 from slimflow.methods.base import Decision, PruningMethod, register, unit_columns, zero_columns
-from slimflow.methods.common import forward_passes, plan_from_counts, second_moment
+from slimflow.methods.common import forward_passes, plan_from_counts, refuse_schedule, second_moment
 
 
 def fluctuation_scores(weight: torch.Tensor, stats) -> torch.Tensor:
@@ -69,23 +70,26 @@ def global_allocation(head_scores: list[torch.Tensor], channel_scores: list[torc
 
 @register
 class FLAP(PruningMethod):
-    """Fluctuation-based adaptive structured pruning.
-
-    Args:
-        bias: write the bias compensation (llama-family models get zero q/k/v/gate/up biases so that the
-            checkpoint reloads with stock classes).
-    """
+    """Fluctuation-based adaptive structured pruning; options: `slimflow.method_options.flap`."""
 
     name = "flap"
-    compensates = True
-    allocates_widths = True
+    Options = method_options.flap
 
-    def __init__(self, bias: bool = True):
-        self.bias = bias
-        self.adds_bias = bias
+    def __init__(self, options: method_options.flap | None = None, **values):
+        super().__init__(options, **values)
         self._heads: list[list[int]] = []
         self._channels: list[list[int]] = []
         self._index = 0
+
+    def resolve_schedule(self, schedule):
+        return refuse_schedule(self, schedule)
+
+    def prepare_model(self, model, adapter):
+        if self.options.bias:
+            adapter.add_output_biases(model)
+
+    def streamable(self) -> bool:
+        return False  # statistics of the whole dense model
 
     @torch.no_grad()
     def prepare(self, model, adapter, calibration, budget, device, batch_size):
@@ -113,13 +117,15 @@ class FLAP(PruningMethod):
             head_scores.append(head_metric(o, so, o.shape[1] // shape.head_units))
             channel_scores.append(channel_metric(down, sd))
         self._heads, self._channels = global_allocation(head_scores, channel_scores, budget.shapes, budget.target_params)
+
+    def allocate(self, budget, schedule_plan):
         return plan_from_counts([len(h) for h in self._heads], [len(c) for c in self._channels], budget.shapes)
 
     def begin_layer(self, index, layer, adapter):
         self._index = index
 
     def _decide(self, weight, stats, removed, cols):
-        bias = bias_compensation(weight, stats, cols) if self.bias and cols else None
+        bias = bias_compensation(weight, stats, cols) if self.options.bias and cols else None
         return Decision(removed, zero_columns(weight, cols), bias=bias)
 
     def prune_heads(self, weight, stats, unit_size, n_remove):

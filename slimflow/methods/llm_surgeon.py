@@ -21,8 +21,9 @@ from __future__ import annotations
 import torch
 
 from slimflow.algorithms.obs import invert_hessian, obs_remove
+from slimflow import method_options
 from slimflow.methods.base import Decision, PruningMethod, register
-from slimflow.methods.common import lm_backward_passes
+from slimflow.methods.common import lm_backward_passes, refuse_schedule
 
 
 class KroneckerFactors:
@@ -96,35 +97,30 @@ def _unit_params(adapter, layer, kv: int) -> tuple[int, int]:
 
 @register
 class LLMSurgeon(PruningMethod):
-    """Structured LLM Surgeon with physical removal.
+    """Structured LLM Surgeon with physical removal; options: `slimflow.method_options.llm_surgeon`.
 
-    Args:
-        shots: number of shots T of the linear schedule (each removes up to t/T of the budget).
-        damp: relative damping of G and A.
-        grad_samples: calibration sequences used per shot (default: all).
-        grad_batch_size: sequences per forward/backward micro-batch.
-        max_layer_ratio: never remove more than this share of one layer's heads or channels.
-        per_param: rank units by cost per removed parameter (default). A head unit carries ~40× the
-            parameters of a channel, so raw costs (`per_param=False`) all but forbid removing heads.
+    It prunes the whole model at once in shots (`run`), choosing the widths itself; the layer-wise pass and
+    the ratio schedules are not used.
     """
 
     name = "llm-surgeon"
-    compensates = True
-    allocates_widths = True
-    prunes_globally = True
-    needs_gradients = True
+    Options = method_options.llm_surgeon
 
-    def __init__(self, shots: int = 5, damp: float = 0.01, grad_samples: int | None = None,
-                 grad_batch_size: int = 2, max_layer_ratio: float = 0.9, per_param: bool = True):
-        if shots < 1:
-            raise ValueError(f"shots must be ≥ 1, got {shots}")
-        self.shots = shots
-        self.damp = damp
-        self.grad_samples = grad_samples
-        self.grad_batch_size = grad_batch_size
-        self.max_layer_ratio = max_layer_ratio
-        self.per_param = per_param
+    def __init__(self, options: method_options.llm_surgeon | None = None, **values):
+        super().__init__(options, **values)
         self.losses: list[float] = []
+
+    def resolve_schedule(self, schedule):
+        return refuse_schedule(self, schedule)
+
+    def run(self, engine, plans):
+        return engine.prune_in_shots(self.options.shots, self.global_shot, self.options.max_layer_ratio)
+
+    def streamable(self) -> bool:
+        return False  # gradients of the whole model, every shot
+
+    def gradient_calibration(self, calibration, limit):
+        return calibration[:limit] if limit else calibration
 
     def global_shot(self, model, adapter, calibration, remove_params: float, device, limits) -> dict:
         """One shot: estimate the factors, rank every unit, choose the cheapest, return per-layer decisions.
@@ -139,9 +135,9 @@ class LLMSurgeon(PruningMethod):
             acc.append((KroneckerFactors(adapter.o_proj(layer)),
                         KroneckerFactors(adapter.down_proj(layer))))
         dp = self.data_parallel
-        ids = dp.shard(calibration[: self.grad_samples] if self.grad_samples else calibration)
+        ids = dp.shard(calibration[: self.options.grad_samples] if self.options.grad_samples else calibration)
         try:
-            loss = lm_backward_passes(model, ids, self.grad_batch_size, device)
+            loss = lm_backward_passes(model, ids, self.options.grad_batch_size, device)
         finally:
             for fo, fd in acc:
                 fo.handle.remove()
@@ -160,14 +156,14 @@ class LLMSurgeon(PruningMethod):
                 unit_p, chan_p = _unit_params(adapter, layer, kv)
                 o = adapter.o_proj(layer).weight.float()
                 down = adapter.down_proj(layer).weight.float()
-                g_o, a_o = fo.factors(self.damp)
-                g_d, a_d = fd.factors(self.damp)
-                ainv_o, _ = invert_hessian(a_o, self.damp)
-                ainv_d, _ = invert_hessian(a_d, self.damp)
+                g_o, a_o = fo.factors(self.options.damp)
+                g_d, a_d = fd.factors(self.options.damp)
+                ainv_o, _ = invert_hessian(a_o, self.options.damp)
+                ainv_d, _ = invert_hessian(a_d, self.options.damp)
                 inverses.append((unit, ainv_o, ainv_d))
                 entries += [(c, i, 0, j, unit_p) for j, c in enumerate(column_costs(o, g_o, ainv_o, unit).tolist())]
                 entries += [(c, i, 1, j, chan_p) for j, c in enumerate(column_costs(down, g_d, ainv_d).tolist())]
-        chosen, costs = choose_cheapest(entries, remove_params, limits, self.per_param)
+        chosen, costs = choose_cheapest(entries, remove_params, limits, self.options.per_param)
         out = {}
         with torch.no_grad():
             for i, layer in enumerate(layers):
@@ -178,13 +174,11 @@ class LLMSurgeon(PruningMethod):
                     o = adapter.o_proj(layer).weight.float()
                     cols = torch.tensor([c for u in units for c in range(u * unit, (u + 1) * unit)], device=o.device)
                     new, _ = obs_remove(o, ainv_o, cols)
-                    head_d = Decision(units, new)
-                    head_d.cost = costs[i][0]
+                    head_d = Decision(units, new, cost=costs[i][0])
                 if chans:
                     down = adapter.down_proj(layer).weight.float()
                     new, _ = obs_remove(down, ainv_d, torch.tensor(chans, device=down.device))
-                    chan_d = Decision(chans, new)
-                    chan_d.cost = costs[i][1]
+                    chan_d = Decision(chans, new, cost=costs[i][1])
                 if head_d or chan_d:
                     out[i] = (head_d, chan_d)
         return out

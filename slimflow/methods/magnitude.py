@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from slimflow import method_options
 from slimflow.methods.base import Decision, PruningMethod, register, unit_columns, zero_columns
 
 
@@ -12,7 +13,7 @@ class Magnitude(PruningMethod):
     """Weight-norm structured pruning, no calibration statistics used and no compensation."""
 
     name = "magnitude"
-    compensates = False
+    Options = method_options.magnitude
 
     def prune_heads(self, weight, stats, unit_size, n_remove):
         norms = weight.norm(dim=0).reshape(-1, unit_size).sum(-1)

@@ -24,12 +24,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from slimflow import method_options
 from slimflow.methods.base import Decision, PruningMethod, register, unit_columns, zero_columns
 from slimflow.methods.common import (
     column_sq_norms,
     covariance,
     forward_passes,
     plan_from_shape,
+    refuse_schedule,
     softmax_shape,
 )
 
@@ -119,43 +121,35 @@ def channel_scores(w_gate, w_up, w_down, input_norm: torch.Tensor, stats) -> tor
 
 @register
 class SlimLLM(PruningMethod):
-    """Holistic structured pruning with linear-regression recovery.
-
-    Args:
-        regression: refit `o_proj`/`down_proj` by per-channel scale and bias (adds biases; llama family only).
-        swap: run the greedy swap search after the leave-one-out head ranking.
-        protect: share of the lowest-scoring channels that is kept anyway (the reference keeps 1%).
-        layer_allocation: per-layer ratios from layer input/output similarity (then no schedule may be given).
-        alpha: softmax temperature of the allocation (default 10 up to a 35% ratio, else 7).
-        active: share of layers that are pruned at all (default 26/32 up to a 35% ratio, else 30/32).
-        max_layer_ratio: cap of any layer's ratio in the allocation.
-    """
+    """Holistic structured pruning with linear-regression recovery; options: `slimflow.method_options.slimllm`."""
 
     name = "slimllm"
-    compensates = True
+    Options = method_options.slimllm
 
-    def __init__(self, regression: bool = True, swap: bool = True, protect: float = 0.01,
-                 layer_allocation: bool = True, alpha: float | None = None, active: float | None = None,
-                 max_layer_ratio: float = 0.9):
-        self.regression = regression
-        self.adds_bias = regression
-        self.swap = swap
-        self.protect = protect
-        self.layer_allocation = layer_allocation
-        self.allocates_widths = layer_allocation
-        self.alpha = alpha
-        self.active = active
-        self.max_layer_ratio = max_layer_ratio
+    def __init__(self, options: method_options.slimllm | None = None, **values):
+        super().__init__(options, **values)
         self.layer_similarity: list[float] = []
         self._layer = None
         self._adapter = None
         self._sq = None
         self._handle = None
 
+    def resolve_schedule(self, schedule):
+        if self.options.layer_allocation:
+            return refuse_schedule(self, schedule, " or pass layer_allocation=False to use a schedule")
+        return super().resolve_schedule(schedule)
+
+    def prepare_model(self, model, adapter):
+        if self.options.regression:
+            adapter.add_output_biases(model)
+
+    def streamable(self) -> bool:
+        return False  # the allocation's dense-model passes and the added biases
+
     @torch.no_grad()
     def prepare(self, model, adapter, calibration, budget, device, batch_size):
-        if not self.layer_allocation:
-            return None
+        if not self.options.layer_allocation:
+            return
         layers = adapter.layers(model)
         sums = [[0.0, 0] for _ in layers]
 
@@ -176,11 +170,16 @@ class SlimLLM(PruningMethod):
         totals = self.data_parallel.sum_numbers(*(v for pair in sums for v in pair))
         sums = [totals[i : i + 2] for i in range(0, len(totals), 2)]
         self.layer_similarity = [s / max(n, 1) for s, n in sums]
+
+    def allocate(self, budget, schedule_plan):
+        if not self.options.layer_allocation:
+            return schedule_plan()
         high = budget.fraction > 0.35
-        alpha = self.alpha if self.alpha is not None else (7.0 if high else 10.0)
-        active = self.active if self.active is not None else (30 / 32 if high else 26 / 32)
-        k = max(1, min(len(layers), round(active * len(layers))))
-        return plan_from_shape(softmax_shape(self.layer_similarity, alpha, k), budget, self.max_layer_ratio)
+        alpha = self.options.alpha if self.options.alpha is not None else (7.0 if high else 10.0)
+        active = self.options.active if self.options.active is not None else (30 / 32 if high else 26 / 32)
+        n_layers = len(self.layer_similarity)
+        k = max(1, min(n_layers, round(active * n_layers)))
+        return plan_from_shape(softmax_shape(self.layer_similarity, alpha, k), budget, self.options.max_layer_ratio)
 
     def begin_layer(self, index, layer, adapter):
         self._layer, self._adapter, self._sq = layer, adapter, None
@@ -199,7 +198,7 @@ class SlimLLM(PruningMethod):
         self._handle = self._layer = None
 
     def _finish(self, weight, stats, removed, cols):
-        if not self.regression or not cols:
+        if not self.options.regression or not cols:
             return Decision(removed, zero_columns(weight, cols))
         drop = set(cols)
         new, bias = regression_refit(weight, stats, [c for c in range(weight.shape[1]) if c not in drop])
@@ -207,7 +206,7 @@ class SlimLLM(PruningMethod):
 
     def prune_heads(self, weight, stats, unit_size, n_remove):
         sigma = head_output_covariances(weight, covariance(stats).to(weight.dtype), unit_size)
-        removed = select_heads(sigma, n_remove, self.swap)
+        removed = select_heads(sigma, n_remove, self.options.swap)
         return self._finish(weight, stats, removed, unit_columns(removed, unit_size))
 
     def prune_channels(self, weight, stats, n_remove):
@@ -218,6 +217,6 @@ class SlimLLM(PruningMethod):
         self.data_parallel.sum_(self._sq)
         scores = channel_scores(gate.float(), up.float(), weight, self._sq.sqrt(), stats)
         order = torch.argsort(scores, stable=True)
-        start = min(round(self.protect * weight.shape[1]), weight.shape[1] - 1 - n_remove)
+        start = min(round(self.options.protect * weight.shape[1]), weight.shape[1] - 1 - n_remove)
         removed = sorted(order[start : start + n_remove].tolist())
         return self._finish(weight, stats, removed, removed)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from slimflow import method_options
 from slimflow.methods.base import Decision, PruningMethod, register, unit_columns, zero_columns
 from slimflow.methods.common import lm_backward_passes, lowest
 
@@ -48,21 +49,13 @@ def channel_importance(gate, up, down, mode: str = "param_first") -> torch.Tenso
 
 @register
 class Taylor(PruningMethod):
-    """Gradient-based (first-order Taylor) structured importance.
-
-    Args:
-        mode: `param_first` (sum of `|w·g|`, default) or `vectorize` (`|Σ w·g|` per group).
-        grad_batch_size: sequences per forward/backward micro-batch (memory: activations of this many).
-    """
+    """Gradient-based (first-order Taylor) structured importance; options: `slimflow.method_options.taylor`."""
 
     name = "taylor"
-    compensates = False
-    needs_gradients = True
+    Options = method_options.taylor
 
-    def __init__(self, mode: str = "param_first", grad_batch_size: int = 2):
-        _reduce([torch.zeros(1, 1)], mode)
-        self.mode = mode
-        self.grad_batch_size = grad_batch_size
+    def __init__(self, options: method_options.taylor | None = None, **values):
+        super().__init__(options, **values)
         self.loss = None
         self._heads: list[torch.Tensor] = []
         self._channels: list[torch.Tensor] = []
@@ -74,7 +67,7 @@ class Taylor(PruningMethod):
         home = next(model.parameters()).device
         model.to(device)
         try:
-            self.loss = lm_backward_passes(model, calibration, self.grad_batch_size, device, weights)
+            self.loss = lm_backward_passes(model, calibration, self.options.grad_batch_size, device, weights)
             for w in weights:
                 self.data_parallel.sum_(w.grad)
             self.loss = self.data_parallel.weighted_mean(self.loss, calibration[:, 1:].numel())
@@ -85,15 +78,20 @@ class Taylor(PruningMethod):
                     heads, kv = adapter.layer_heads(model, layer)
                     pairs = [(w.detach().float(), g.float()) for w, g in
                              zip(adapter.attention_weights(model, layer), adapter.attention_weights(model, layer, grad=True))]
-                    self._heads.append(head_importance(*pairs, head_dim, heads // kv, self.mode).cpu())
+                    self._heads.append(head_importance(*pairs, head_dim, heads // kv, self.options.mode).cpu())
                     pairs = [(w.detach().float(), g.float()) for w, g in
                              zip(adapter.mlp_weights(layer), adapter.mlp_weights(layer, grad=True))]
-                    self._channels.append(channel_importance(*pairs, self.mode).cpu())
+                    self._channels.append(channel_importance(*pairs, self.options.mode).cpu())
         finally:
             for w in weights:
                 w.grad = None
             model.to(home)
-        return None
+
+    def streamable(self) -> bool:
+        return False  # gradients of the whole model
+
+    def gradient_calibration(self, calibration, limit):
+        return calibration[:limit] if limit else calibration
 
     def begin_layer(self, index, layer, adapter):
         self._index = index

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from slimflow import method_options
 from slimflow.methods.base import Decision, PruningMethod, register, unit_columns, zero_columns
 from slimflow.methods.common import column_sq_norms, lowest, unit_sum
 
@@ -18,7 +19,7 @@ class WandaSP(PruningMethod):
     """Activation-weighted magnitude of the `o_proj` / `down_proj` input columns; no weight update."""
 
     name = "wanda-sp"
-    compensates = False
+    Options = method_options.wanda_sp
 
     def prune_heads(self, weight, stats, unit_size, n_remove):
         removed = lowest(unit_sum(column_scores(weight, stats), unit_size), n_remove)
