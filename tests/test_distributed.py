@@ -87,9 +87,10 @@ def test_two_processes_equal_one_process(two_processes, method):
     for name, value in state.items():
         assert torch.equal(ranks[0][name], ranks[1][name]), f"ranks differ on {name}"
         assert ranks[0][name].shape == value.shape, name
-        # float32 sums in another order (4 + 3 sequences in batches of 2 instead of 7 in batches of 2)
-        assert torch.allclose(ranks[0][name], value, rtol=1e-4, atol=1e-5), (
-            name, float((ranks[0][name] - value).abs().max()))
+        # float32 sums in another order (4 + 3 sequences in batches of 2 instead of 7 in batches of 2): compare
+        # each tensor as a whole, since single elements near zero can differ by a few ulps of the largest ones
+        diff = float((ranks[0][name].double() - value.double()).norm() / value.double().norm().clamp_min(1e-30))
+        assert diff < 1e-4, (name, diff)
 
 
 def test_sequence_weighted_hessian_merge():
