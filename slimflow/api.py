@@ -203,8 +203,8 @@ def prune(
             are summed, all ranks apply rank 0's decisions). None (default): when `torch.distributed` is
             initialised with more than one process. See docs/scale.md.
         process_group: the group to share over (default: the default group).
-        schedule_options: options of the `adaptive` schedule (`normalize`: `residual` or `none`; `points`:
-            channel-curve grid size), see `slimflow.allocation.adaptive_plan`.
+        schedule_options: options of the `adaptive` schedule (`search`, `search_samples`, `holdout`, `score`,
+            `normalize`, `points`), see `slimflow.allocation.adaptive_plan` and docs/engine.md.
         layer_store: where each decoder layer comes from and goes to (default: the layers in `model`, moved to
             `device` one at a time); `slimflow.streaming` passes one that reads and writes checkpoint shards.
         correct_drift: each pruned projection starts from its least-squares refit to the dense model's

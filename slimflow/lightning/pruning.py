@@ -35,7 +35,10 @@ class RatioSchedule:
         max_layer_ratio: cap on any layer's ratio.
         channel_multiple: keep FFN widths a multiple of this; null: 64 for FFNs of 4096+ channels (fast GPU
             shapes), else 1.
-        options: options of the adaptive schedule, e.g. `{"normalize": "none"}` (docs/engine.md).
+        options: options of the adaptive schedule (docs/engine.md): `search` (default true: also score the cost
+            plans and the fixed shapes on held-out calibration sequences and keep the best), `search_samples`
+            (32), `holdout` (16), `score` (`loss` or `kl`), `normalize` (`gradient`, `residual`, `none`),
+            `points` (64); e.g. `{"search": false}`.
     """
 
     name: Literal["adaptive", "uniform", "linear", "log_increase"] = "log_increase"
