@@ -57,12 +57,25 @@ MUTATIONS = [
     ("attention replay on the wrong kept columns", "slimflow/pipeline.py",
      "_unit_columns(job.result.kept_units, job.unit_size, job.device))",
      "_unit_columns(list(range(len(job.result.kept_units))), job.unit_size, job.device))"),
+    # (name, file, old, new, tests): the last field names the tests when they are not the engine tests above
+    ("adaptive search keeps the worst allocation", "slimflow/allocation.py",
+     "best = min(scores, key=lambda k: (scores[k], list(scores).index(k)))",
+     "best = max(scores, key=lambda k: (scores[k], list(scores).index(k)))", ["tests/test_allocation_search.py"]),
+    ("adaptive search prunes on its held-out sequences", "slimflow/allocation.py",
+     "train, scored = calibration[:pruning], calibration[calibration.shape[0] - held:]",
+     "train, scored = calibration, calibration[calibration.shape[0] - held:]", ["tests/test_allocation_search.py"]),
+    ("drift correction's cross term from the pruned inputs", "slimflow/algorithms/hessian.py",
+     "self.cross.addmm_(d.t(), x.to(self.dtype), alpha=2.0 / total)",
+     "self.cross.addmm_(x.to(self.dtype).t(), x.to(self.dtype), alpha=2.0 / total)", ["tests/test_drift.py"]),
+    ("drift correction without the dense hidden states' propagation", "slimflow/pipeline.py",
+     "                inputs.dense[start:stop] = out[0] if isinstance(out, tuple) else out",
+     "                pass", ["tests/test_drift.py"]),
 ]
 
 
 def run(selected: list[str]) -> None:
     print("| mutation | file | result |\n|---|---|---|")
-    for name, path, old, new in MUTATIONS:
+    for name, path, old, new, *tests in MUTATIONS:
         if selected and not any(s in name for s in selected):
             continue
         file = Path(path)
@@ -76,7 +89,7 @@ def run(selected: list[str]) -> None:
             new_source = source
         file.write_text(new_source.replace(old, new))
         try:
-            proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *TESTS],
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *(tests[0] if tests else TESTS)],
                                   capture_output=True, text=True)
         finally:
             file.write_text(source)
