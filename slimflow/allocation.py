@@ -221,8 +221,9 @@ def search_plans(model: nn.Module, adapter: ModelAdapter, calibration: torch.Ten
     method, sequentially, as the final pass) and is scored on the last `holdout` sequences, which no candidate
     saw: by its next-token loss (`score="loss"`, default) or by the KL divergence of its next-token
     distributions from the dense model's (`"kl"`; on the 27M reference model it prefers the cost plans, which
-    perturb the dense model least, where held-out perplexity prefers a fixed shape: docs/results.md). Ties keep the earlier candidate. Returns the name and every score. The dense
-    model is moved to `device` for the scoring and back."""
+    perturb the dense model least, where held-out perplexity prefers a fixed shape: docs/results.md). Ties keep
+    the earlier candidate. Returns the name and every score. For `kl` the dense model is moved to `device` for
+    the scoring and back."""
     pruning, held = search_split(calibration.shape[0], search_samples, holdout)
     train, scored = calibration[:pruning], calibration[calibration.shape[0] - held:]
     home = next(model.parameters()).device
@@ -245,7 +246,8 @@ def adaptive_plan(model: nn.Module, adapter: ModelAdapter, calibration: torch.Te
                   batch_size: int = 8, damp: float = 0.01, normalize: str = "gradient", points: int = 64,
                   exact_head_score: bool = False, progress: bool = True,
                   times: dict | None = None, search: bool = True, search_samples: int = 32, holdout: int = 16,
-                  score: str = "loss", fixed_plans: dict[str, list[LayerPlan]] | None = None, method=None) -> tuple[list[LayerPlan], dict]:
+                  score: str = "loss", fixed_plans: dict[str, list[LayerPlan]] | None = None,
+                  method=None) -> tuple[list[LayerPlan], dict]:
     """The adaptive schedule's per-layer plan for `target_params` parameters, and what it measured.
 
     With `search` (default) the plans from the measured costs (both normalisations) and `fixed_plans` (the fixed
@@ -253,7 +255,7 @@ def adaptive_plan(model: nn.Module, adapter: ModelAdapter, calibration: torch.Te
     calibration sequences; without it (or without a method to prune the candidates with) the cost plan of
     `normalize` is the answer."""
     t = time.perf_counter()
-    want_gradients = normalize == "gradient" or search
+    want_gradients = normalize == "gradient" or (search and method is not None)
     gradients = residual_gradient_energy(model, adapter, calibration, batch_size) if want_gradients else None
     heads, channels, energies = measure_cost_curves(model, adapter, calibration, shapes, channel_multiple, max_ratio,
                                                     device, batch_size, damp, points, exact_head_score, progress)

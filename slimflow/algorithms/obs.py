@@ -56,11 +56,12 @@ def invert_hessian(hessian: torch.Tensor, damp: float = 0.01, max_tries: int = 6
     )
 
 
-def refit_to_dense(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+def refit_to_dense(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor,
+                   damp: float = 0.01) -> torch.Tensor:
     """The weight that best reproduces the dense model's outputs from the pruned model's inputs.
 
-    Minimises `‖W' X − W X̂‖²` (+ damping) over `W'`, where `X` are this projection's inputs in the partly pruned
-    model and `X̂` the dense model's inputs for the same tokens: `W' = W C (H + λ·mean(diag H)·I)⁻¹` with
+    Minimises `‖W' X − W X̂‖²` (+ damping) over `W'`, where `X` are this projection's inputs in the partly
+    pruned model and `X̂` the dense model's inputs for the same tokens: `W' = W C (H + λ·mean(diag H)·I)⁻¹` with
     `H = XᵀX`, `C = X̂ᵀX` (both with the accumulator's 2/n scale). With `X = X̂` it returns `W` up to the damping.
     OBS removal then starts from `W'`: its quadratic error around `W'` is exactly the increase of that objective.
     """
