@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import time
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -211,6 +212,20 @@ def search_split(num_samples: int, search_samples: int = 32, holdout: int = 16) 
     return min(search_samples, num_samples - held), held
 
 
+@contextmanager
+def _dense_on(model: nn.Module, device: torch.device | None):
+    """The dense model moved to `device` once for the whole KL scoring, and home afterwards (None: not needed)."""
+    if device is None:
+        yield None
+        return
+    home = next(model.parameters()).device
+    model.to(device)
+    try:
+        yield model
+    finally:
+        model.to(home)
+
+
 def search_plans(model: nn.Module, adapter: ModelAdapter, calibration: torch.Tensor,
                  candidates: dict[str, list[LayerPlan]], method, device: torch.device, batch_size: int = 8,
                  search_samples: int = 32, holdout: int = 16, score: str = "loss",
@@ -226,17 +241,14 @@ def search_plans(model: nn.Module, adapter: ModelAdapter, calibration: torch.Ten
     the scoring and back."""
     pruning, held = search_split(calibration.shape[0], search_samples, holdout)
     train, scored = calibration[:pruning], calibration[calibration.shape[0] - held:]
-    home = next(model.parameters()).device
     scores = {}
-    for name, plans in tqdm(list(candidates.items()), desc="scoring allocations", unit="plan", disable=not progress):
-        trial = copy.deepcopy(model)
-        prune_layers(trial, adapter, train, plans, method, device, batch_size, progress=False)
-        try:
-            scores[name] = holdout_score(trial.to(device), scored, batch_size,
-                                         model.to(device) if score == "kl" else None)
-        finally:
-            model.to(home)
-        del trial
+    with _dense_on(model, device if score == "kl" else None) as dense:
+        for name, plans in tqdm(list(candidates.items()), desc="scoring allocations", unit="plan",
+                                disable=not progress):
+            trial = copy.deepcopy(model)
+            prune_layers(trial, adapter, train, plans, method, device, batch_size, progress=False)
+            scores[name] = holdout_score(trial.to(device), scored, batch_size, dense)
+            del trial
     best = min(scores, key=lambda k: (scores[k], list(scores).index(k)))
     return best, scores
 

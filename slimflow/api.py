@@ -209,8 +209,9 @@ def prune(
             `device` one at a time); `slimflow.streaming` passes one that reads and writes checkpoint shards.
         correct_drift: each pruned projection starts from its least-squares refit to the dense model's
             outputs (computed from the dense model's hidden states, carried through the layers alongside), so
-            each layer also compensates the error of the layers pruned before it. Costs one more forward of
-            every layer and a second copy of the calibration hidden states.
+            each layer also compensates the error of the layers pruned before it. Layer-wise methods only.
+            Costs about two more forwards of every layer, a copy of the layer being pruned and a second copy
+            of the calibration hidden states. Measured worse at 50% (docs/results.md), so off by default.
     """
     start = time.perf_counter()
     adapter = get_adapter(model)

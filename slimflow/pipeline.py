@@ -27,6 +27,7 @@ from slimflow.algorithms.hessian import HessianAccumulator
 from slimflow.algorithms.obs import output_error, refit_to_dense
 from slimflow.algorithms.schedules import LayerPlan
 from slimflow.distributed import DataParallel
+from slimflow.errors import InvalidValueError
 from slimflow.methods.base import Decision, PruningMethod
 
 
@@ -630,5 +631,8 @@ class Engine:
                             data_parallel=self.data_parallel, store=self.store, correct_drift=self.correct_drift)
 
     def prune_in_shots(self, shots: int, shot, max_layer_ratio: float) -> list[LayerResult]:
+        if self.correct_drift:  # the refit belongs to the layer-wise pass; shots would silently ignore it
+            raise InvalidValueError(f"correct_drift applies to layer-wise methods; {self.method.name} prunes the "
+                                    "whole model in shots: leave correct_drift off")
         return prune_global(self.model, self.adapter, self.calibration, shot, shots, self.target_params, self.device,
                             self.progress, self.max_layer_ratio or max_layer_ratio, self.times, self.data_parallel)

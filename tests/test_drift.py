@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import slimflow
+from slimflow.errors import InvalidValueError
 from slimflow.algorithms.hessian import HessianAccumulator
 from slimflow.algorithms.obs import refit_to_dense
 from slimflow.methods.slimgpt import SlimGPT
@@ -122,3 +123,9 @@ def test_drift_correction_keeps_pruned_equal_to_masked_and_reports_it():
     assert abs(report.realised_fraction - 0.3) < 0.05
     out = model(calibration(2, 8, seed=3)).logits
     assert torch.isfinite(out).all()
+
+
+def test_drift_correction_is_refused_for_methods_that_prune_in_shots():
+    with pytest.raises(InvalidValueError, match="correct_drift applies to layer-wise methods"):
+        slimflow.prune(tiny_model("llama"), calibration(), ratio=0.3, method="llm-surgeon", progress=False,
+                       correct_drift=True)
