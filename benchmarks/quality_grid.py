@@ -122,6 +122,48 @@ def search_cells(models: list[str], reference: str = "ref-llama-27m") -> list[di
     return _defaults(out)
 
 
+def generated_cells(models: list[str], reference: str = "ref-llama-27m") -> list[dict]:
+    """Where the calibration text is narrow (`tail`: one book's ending): damping, sequences sampled from the
+    dense model (alone, or added to the real ones) and the search scored on sampled sequences, against the
+    fixed shapes and the adaptive default."""
+    fixed = (("uniform", 1.0), ("log_increase", 2.0), ("log_increase", 4.0), ("log_increase", 8.0))
+    out = []
+    for model in models:
+        for ratio in (0.2, 0.5):
+            for sampling in ("tail", "random"):
+                base = dict(group="main", model=model, ratio=ratio, sampling=sampling)
+                for schedule, spread in fixed:  # the shapes with real data, then real + 128 sampled
+                    out.append(base | dict(schedule=schedule, spread=spread))
+                    out.append(base | dict(schedule=schedule, spread=spread, generated=128))
+                out.append(base | dict(schedule="adaptive"))
+                out.append(base | dict(schedule="adaptive", options={"score_on": "generated"}))
+                out.append(base | dict(schedule="adaptive", generated=128))
+                out.append(base | dict(schedule="adaptive", generated=128, options={"score_on": "generated"}))
+                for damp in (0.1, 1.0):
+                    out.append(base | dict(group="damp", schedule="log_increase", spread=2.0, damp=damp))
+                    out.append(base | dict(group="damp", schedule="uniform", spread=1.0, damp=damp))
+                for spread in (2.0, 4.0):
+                    out.append(base | dict(group="mix", schedule="log_increase", spread=spread, generated=64, real=64))
+                    out.append(base | dict(group="mix", schedule="log_increase", spread=spread, generated=128,
+                                           gen_temperature=0.8))
+            for schedule, spread in fixed:  # sampled sequences only: no calibration text at all
+                out.append(dict(group="main", model=model, ratio=ratio, sampling="none", schedule=schedule,
+                                spread=spread, generated=128, real=0))
+            out.append(dict(group="main", model=model, ratio=ratio, sampling="none", schedule="adaptive",
+                            generated=128, real=0))
+    for seed in (1, 2):
+        for model in models:
+            for ratio in (0.2, 0.5):
+                for sampling in ("tail", "random"):
+                    base = dict(group="seeds", model=model, ratio=ratio, sampling=sampling, seed=seed)
+                    out.append(base | dict(schedule="adaptive"))
+                    out.append(base | dict(schedule="adaptive", generated=128, options={"score_on": "generated"}))
+                    out.append(base | dict(schedule="adaptive", options={"score_on": "generated"}))
+                    out.append(base | dict(schedule="log_increase", spread=2.0, generated=128))
+                    out.append(base | dict(schedule="log_increase", spread=4.0, generated=128))
+    return _defaults(out)
+
+
 def _defaults(out: list[dict]) -> list[dict]:
     for c in out:
         if c["schedule"] in VARIANTS:
@@ -133,6 +175,9 @@ def _defaults(out: list[dict]) -> list[dict]:
         c.setdefault("options", {})
         c.setdefault("spread", 4.0)
         c.setdefault("drift", False)
+        c.setdefault("generated", 0)
+        c.setdefault("real", None)
+        c.setdefault("gen_temperature", 1.0)
     return out
 
 
@@ -168,6 +213,26 @@ def cells(models: list[str], reference: str = "ref-llama-27m", gqa: str | None =
                 out.append(dict(group="ablations", model=reference, ratio=ratio, schedule="adaptive",
                                 sampling="random", seqlen=length))
     return _defaults(out)
+
+
+def _calibration(cell: dict, tensors: dict, dense: dict, sampled: dict, dev) -> torch.Tensor:
+    """The cell's calibration tensor: its first `real` real sequences (all by default; `sampling="none"`: none),
+    then `generated` sequences sampled from the dense model (cached per model, count, length, temperature)."""
+    parts = []
+    if cell["sampling"] != "none" and cell["real"] != 0:
+        seed = 0 if cell["sampling"] == "tail" else cell["seed"]  # the tail is one text: the seed changes the samples
+        ids = tensors[calibration_key(cell["sampling"], cell["num_samples"], cell["seqlen"], seed)]
+        parts.append(ids[: cell["real"]] if cell["real"] else ids)
+    if cell["generated"]:
+        from slimflow.data.generated import sample_sequences
+        key = (cell["model"], cell["generated"], cell["seqlen"], cell["gen_temperature"], cell["seed"])
+        if key not in sampled:
+            t = time.perf_counter()
+            sampled[key] = sample_sequences(dense["model"], cell["generated"], cell["seqlen"], seed=cell["seed"],
+                                            temperature=cell["gen_temperature"], batch_size=128, device=dev)
+            print(f"sampled {key} in {time.perf_counter() - t:.1f} s", flush=True)
+        parts.append(sampled[key])
+    return torch.cat(parts)
 
 
 def _perplexity(model, ids: torch.Tensor, windows: int, device) -> float:
@@ -221,19 +286,21 @@ def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", bu
     header = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "windows": windows, "window": WINDOW,
               "dense": {k: {"ppl": v["ppl"], "params": v["params"]} for k, v in dense.items()}}
-    planned = {"drift": drift_cells, "search": search_cells}[plan](list(dense), reference) if plan != "default" \
+    planned = {"drift": drift_cells, "search": search_cells, "generated": generated_cells}[plan](
+        list(dense), reference) if plan != "default" \
         else cells(list(dense), reference, gqa)
     todo = [c for c in planned if c["model"] in dense and (groups is None or c["group"] in groups)]
+    sampled: dict = {}
     for i, cell in enumerate(todo):
         if time.perf_counter() - started > budget_s:
             print(f"budget reached: {len(todo) - i} cells not run", flush=True)
             break
-        key = calibration_key(cell["sampling"], cell["num_samples"], cell["seqlen"], cell["seed"])
+        calibration = _calibration(cell, tensors, dense[cell["model"]], sampled, dev)
         model = copy.deepcopy(dense[cell["model"]]["model"])
         t = time.perf_counter()
         row = dict(cell)
         try:
-            report = slimflow.prune(model, tensors[key], ratio=cell["ratio"], schedule=cell["schedule"],
+            report = slimflow.prune(model, calibration, ratio=cell["ratio"], schedule=cell["schedule"],
                                     method=slimgpt(damp=cell["damp"]), device=dev,
                                     progress=False, schedule_options=cell["options"] or None, batch_size=16,
                                     spread=cell["spread"], correct_drift=cell["drift"])
@@ -292,6 +359,9 @@ def _options(r: dict) -> str:
         extra["spread"] = r["spread"]
     if r.get("drift"):
         extra["correct_drift"] = True
+    for name, default in (("generated", 0), ("real", None), ("gen_temperature", 1.0)):
+        if r.get(name, default) != default:
+            extra[name] = r[name]
     return json.dumps(extra) if extra else ""
 
 

@@ -30,8 +30,9 @@ from slimflow.pipeline import _propagate, capture_layer_inputs, prune_layers
 NORMALIZATIONS = ("gradient", "residual", "none")
 
 
-OPTIONS = ("normalize", "points", "search", "search_samples", "holdout", "score")
+OPTIONS = ("normalize", "points", "search", "search_samples", "holdout", "score", "score_on")
 SCORES = ("loss", "kl")
+SCORE_ON = ("calibration", "generated")
 
 
 def check_schedule_options(schedule: str | None, options: dict | None) -> None:
@@ -49,6 +50,9 @@ def check_schedule_options(schedule: str | None, options: dict | None) -> None:
     if options.get("score", "loss") not in SCORES:
         raise ScheduleError(f"unknown score={options['score']!r} for the adaptive schedule; choose one of "
                             f"{', '.join(SCORES)}")
+    if options.get("score_on", "calibration") not in SCORE_ON:
+        raise ScheduleError(f"unknown score_on={options['score_on']!r} for the adaptive schedule; choose one of "
+                            f"{', '.join(SCORE_ON)}")
     for name in ("search_samples", "holdout"):
         if name in options and (not isinstance(options[name], int) or options[name] < 1):
             raise ScheduleError(f"adaptive schedule option {name} must be a positive integer, got {options[name]!r}")
@@ -203,9 +207,13 @@ def holdout_score(model: nn.Module, ids: torch.Tensor, batch_size: int = 8, dens
     return total / max(count, 1)
 
 
-def search_split(num_samples: int, search_samples: int = 32, holdout: int = 16) -> tuple[int, int] | None:
+def search_split(num_samples: int, search_samples: int = 32, holdout: int = 16,
+                 generated: bool = False) -> tuple[int, int] | None:
     """How many calibration sequences prune and how many score each candidate (held out from its pruning);
-    None when the calibration set is too small to hold any out (fewer than 4 sequences)."""
+    None when the calibration set is too small to hold any out (fewer than 4 sequences). With `generated`
+    the scored sequences are sampled from the model, and every calibration sequence may prune."""
+    if generated:
+        return min(search_samples, num_samples), holdout
     held = min(holdout, num_samples // 4)
     if held < 1:
         return None
@@ -229,7 +237,7 @@ def _dense_on(model: nn.Module, device: torch.device | None):
 def search_plans(model: nn.Module, adapter: ModelAdapter, calibration: torch.Tensor,
                  candidates: dict[str, list[LayerPlan]], method, device: torch.device, batch_size: int = 8,
                  search_samples: int = 32, holdout: int = 16, score: str = "loss",
-                 progress: bool = True) -> tuple[str, dict[str, float]]:
+                 progress: bool = True, scored: torch.Tensor | None = None) -> tuple[str, dict[str, float]]:
     """The candidate plan whose pruned model predicts held-out calibration sequences best.
 
     Each candidate prunes a copy of `model` with the first `search_samples` calibration sequences (the same
@@ -238,9 +246,12 @@ def search_plans(model: nn.Module, adapter: ModelAdapter, calibration: torch.Ten
     distributions from the dense model's (`"kl"`; on the 27M reference model it prefers the cost plans, which
     perturb the dense model least, where held-out perplexity prefers a fixed shape: docs/results.md). Ties keep
     the earlier candidate. Returns the name and every score. For `kl` the dense model is moved to `device` for
-    the scoring and back."""
-    pruning, held = search_split(calibration.shape[0], search_samples, holdout)
-    train, scored = calibration[:pruning], calibration[calibration.shape[0] - held:]
+    the scoring and back. `scored`: score on these sequences instead (e.g. sampled from the dense model); then
+    the first `search_samples` calibration sequences prune and none is held out."""
+    pruning, held = search_split(calibration.shape[0], search_samples, holdout, scored is not None)
+    train = calibration[:pruning]
+    if scored is None:
+        scored = calibration[calibration.shape[0] - held:]
     scores = {}
     with _dense_on(model, device if score == "kl" else None) as dense:
         for name, plans in tqdm(list(candidates.items()), desc="scoring allocations", unit="plan",
@@ -258,7 +269,8 @@ def adaptive_plan(model: nn.Module, adapter: ModelAdapter, calibration: torch.Te
                   batch_size: int = 8, damp: float = 0.01, normalize: str = "gradient", points: int = 64,
                   exact_head_score: bool = False, progress: bool = True,
                   times: dict | None = None, search: bool = True, search_samples: int = 32, holdout: int = 16,
-                  score: str = "loss", fixed_plans: dict[str, list[LayerPlan]] | None = None,
+                  score: str = "loss", score_on: str = "calibration",
+                  fixed_plans: dict[str, list[LayerPlan]] | None = None,
                   method=None) -> tuple[list[LayerPlan], dict]:
     """The adaptive schedule's per-layer plan for `target_params` parameters, and what it measured.
 
@@ -275,18 +287,25 @@ def adaptive_plan(model: nn.Module, adapter: ModelAdapter, calibration: torch.Te
     info = {"normalize": normalize, "residual_energy": energies, "gradient_energy": gradients,
             "head_curves": [h.costs for h in heads], "channel_counts": [c.counts for c in channels],
             "channel_curves": [c.costs for c in channels]}
-    if search and method is not None and search_split(calibration.shape[0], search_samples, holdout):
+    generated = score_on == "generated"
+    if search and method is not None and search_split(calibration.shape[0], search_samples, holdout, generated):
         candidates = {f"cost:{normalize}": plans}
         for other in ("gradient", "residual"):
             if other != normalize:
                 candidates[f"cost:{other}"] = allocate(heads, channels, energies, shapes, target_params, other,
                                                        gradients)
         candidates |= fixed_plans or {}
+        scored = None
+        if generated:
+            from slimflow.data.generated import sample_sequences
+            scored = sample_sequences(model, holdout, calibration.shape[1], device=device, batch_size=batch_size,
+                                      progress=progress)
         chosen, scores = search_plans(model, adapter, calibration, candidates, method, device, batch_size,
-                                      search_samples, holdout, score, progress)
+                                      search_samples, holdout, score, progress, scored)
         plans = candidates[chosen]
         info["search"] = {"chosen": chosen, "score": score, "scores": scores,
-                          "split": list(search_split(calibration.shape[0], search_samples, holdout))}
+                          "score_on": score_on,
+                          "split": list(search_split(calibration.shape[0], search_samples, holdout, generated))}
     if times is not None:
         times["allocation"] = round(time.perf_counter() - t, 4)
     return plans, info
