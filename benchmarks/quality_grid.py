@@ -225,10 +225,11 @@ def _calibration(cell: dict, tensors: dict, dense: dict, sampled: dict, dev) -> 
         parts.append(ids[: cell["real"]] if cell["real"] else ids)
     if cell["generated"]:
         from slimflow.data.generated import sample_sequences
-        key = (cell["model"], cell["generated"], cell["seqlen"], cell["gen_temperature"], cell["seed"])
+        length = parts[0].shape[1] if parts else cell["seqlen"]
+        key = (cell["model"], cell["generated"], length, cell["gen_temperature"], cell["seed"])
         if key not in sampled:
             t = time.perf_counter()
-            sampled[key] = sample_sequences(dense["model"], cell["generated"], cell["seqlen"], seed=cell["seed"],
+            sampled[key] = sample_sequences(dense["model"], cell["generated"], length, seed=cell["seed"],
                                             temperature=cell["gen_temperature"], batch_size=128, device=dev)
             print(f"sampled {key} in {time.perf_counter() - t:.1f} s", flush=True)
         parts.append(sampled[key])
