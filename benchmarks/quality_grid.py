@@ -164,6 +164,33 @@ def generated_cells(models: list[str], reference: str = "ref-llama-27m") -> list
     return _defaults(out)
 
 
+def generated2_cells(models: list[str], reference: str = "ref-llama-27m") -> list[dict]:
+    """How many sampled sequences to add (`slimflow.prune(generated_samples=...)`), against the fixed shapes and
+    the adaptive schedule (its search rows spread over the set); seeds of the middle setting."""
+    shapes = (("uniform", 1.0), ("log_increase", 2.0), ("log_increase", 4.0), ("log_increase", 8.0),
+              ("adaptive", 4.0))
+    out = []
+    for model in models:
+        for ratio in (0.2, 0.5):
+            for sampling in ("tail", "random"):
+                out.append(dict(group="main", model=model, ratio=ratio, sampling=sampling, schedule="adaptive"))
+                for generated in (128, 256, 384):
+                    for schedule, spread in shapes:
+                        out.append(dict(group="main", model=model, ratio=ratio, sampling=sampling,
+                                        schedule=schedule, spread=spread, generated=generated))
+            for schedule, spread in shapes:
+                out.append(dict(group="main", model=model, ratio=ratio, sampling="none", schedule=schedule,
+                                spread=spread, generated=256, real=0))
+    for seed in (1, 2):
+        for model in models:
+            for ratio in (0.2, 0.5):
+                for sampling in ("tail", "random"):
+                    for schedule, spread in (shapes[0], shapes[1], shapes[2], shapes[4]):
+                        out.append(dict(group="seeds", model=model, ratio=ratio, sampling=sampling, seed=seed,
+                                        schedule=schedule, spread=spread, generated=256))
+    return _defaults(out)
+
+
 def _defaults(out: list[dict]) -> list[dict]:
     for c in out:
         if c["schedule"] in VARIANTS:
@@ -233,7 +260,7 @@ def _calibration(cell: dict, tensors: dict, dense: dict, sampled: dict, dev) -> 
                                             temperature=cell["gen_temperature"], batch_size=128, device=dev)
             print(f"sampled {key} in {time.perf_counter() - t:.1f} s", flush=True)
         parts.append(sampled[key])
-    return torch.cat(parts)
+    return torch.cat(parts) if parts else torch.empty(0, cell["seqlen"], dtype=torch.long)
 
 
 def _perplexity(model, ids: torch.Tensor, windows: int, device) -> float:
@@ -245,7 +272,7 @@ def _perplexity(model, ids: torch.Tensor, windows: int, device) -> float:
 
 def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", budget_s: float = 1e9,
         windows: int = WINDOWS, groups: list[str] | None = None, reference: str = "ref-llama-27m",
-        gqa: str | None = None, plan: str = "default") -> list[dict]:
+        gqa: str | None = None, plan: str = "default", ratios: list[float] | None = None) -> list[dict]:
     """Run the grid; `models` maps a short name to a model directory.
 
     Args:
@@ -259,7 +286,9 @@ def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", bu
         reference: name of the model that also gets seeds, ablations and the adaptive variant.
         gqa: name of the GQA model for the 65% stress cells (70% is beyond its floors).
         plan: `default` (schedules, seeds, ablations), `drift` (drift correction against none) or `search` (the
-            adaptive schedule with its search against the fixed shapes).
+            adaptive schedule with its search against the fixed shapes), `generated` / `generated2` (sequences
+            sampled from the model added to the calibration set).
+        ratios: run only the cells of these ratios (default all).
     """
     from safetensors.torch import load_file
 
@@ -287,16 +316,20 @@ def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", bu
     header = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "windows": windows, "window": WINDOW,
               "dense": {k: {"ppl": v["ppl"], "params": v["params"]} for k, v in dense.items()}}
-    planned = {"drift": drift_cells, "search": search_cells, "generated": generated_cells}[plan](
+    planned = {"drift": drift_cells, "search": search_cells, "generated": generated_cells,
+               "generated2": generated2_cells}[plan](
         list(dense), reference) if plan != "default" \
         else cells(list(dense), reference, gqa)
-    todo = [c for c in planned if c["model"] in dense and (groups is None or c["group"] in groups)]
+    todo = [c for c in planned if c["model"] in dense and (groups is None or c["group"] in groups)
+            and (ratios is None or c["ratio"] in ratios)]
     sampled: dict = {}
     for i, cell in enumerate(todo):
         if time.perf_counter() - started > budget_s:
             print(f"budget reached: {len(todo) - i} cells not run", flush=True)
             break
-        calibration = _calibration(cell, tensors, dense[cell["model"]], sampled, dev)
+        via_api = plan != "generated"  # the first series concatenated its samples here; later ones use the API
+        calibration = _calibration(cell | ({"generated": 0} if via_api else {}), tensors, dense[cell["model"]],
+                                   sampled, dev)
         model = copy.deepcopy(dense[cell["model"]]["model"])
         t = time.perf_counter()
         row = dict(cell)
@@ -304,7 +337,8 @@ def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", bu
             report = slimflow.prune(model, calibration, ratio=cell["ratio"], schedule=cell["schedule"],
                                     method=slimgpt(damp=cell["damp"]), device=dev,
                                     progress=False, schedule_options=cell["options"] or None, batch_size=16,
-                                    spread=cell["spread"], correct_drift=cell["drift"])
+                                    spread=cell["spread"], correct_drift=cell["drift"],
+                                    **({"generated_samples": cell["generated"], "seed": cell["seed"]} if via_api else {}))
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             row["prune_s"] = round(time.perf_counter() - t, 2)

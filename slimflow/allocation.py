@@ -220,6 +220,23 @@ def search_split(num_samples: int, search_samples: int = 32, holdout: int = 16,
     return min(search_samples, num_samples - held), held
 
 
+def _spaced(count: int, among: list[int]) -> list[int]:
+    """`count` entries of `among`, evenly spaced (the centres of `count` equal slices)."""
+    return [among[(2 * k + 1) * len(among) // (2 * count)] for k in range(count)]
+
+
+def search_rows(num_samples: int, search_samples: int = 32, holdout: int = 16,
+                generated: bool = False) -> tuple[list[int], list[int]]:
+    """Which calibration rows prune each candidate and which score it: both evenly spread over the set, so that
+    each represents the whole of it (contiguous windows of one text, real text followed by sampled sequences),
+    and disjoint. With `generated` no row is held out (the scored sequences are sampled)."""
+    pruning, held = search_split(num_samples, search_samples, holdout, generated)
+    rows = list(range(num_samples))
+    held_rows = [] if generated else _spaced(held, rows)
+    rest = [r for r in rows if r not in set(held_rows)]
+    return _spaced(pruning, rest), held_rows
+
+
 @contextmanager
 def _dense_on(model: nn.Module, device: torch.device | None):
     """The dense model moved to `device` once for the whole KL scoring, and home afterwards (None: not needed)."""
@@ -240,18 +257,18 @@ def search_plans(model: nn.Module, adapter: ModelAdapter, calibration: torch.Ten
                  progress: bool = True, scored: torch.Tensor | None = None) -> tuple[str, dict[str, float]]:
     """The candidate plan whose pruned model predicts held-out calibration sequences best.
 
-    Each candidate prunes a copy of `model` with the first `search_samples` calibration sequences (the same
-    method, sequentially, as the final pass) and is scored on the last `holdout` sequences, which no candidate
-    saw: by its next-token loss (`score="loss"`, default) or by the KL divergence of its next-token
+    Each candidate prunes a copy of `model` with `search_samples` calibration sequences (the same method,
+    sequentially, as the final pass) and is scored on `holdout` others, which no candidate saw (both spread
+    evenly over the set, `search_rows`): by its next-token loss (`score="loss"`, default) or by the KL divergence of its next-token
     distributions from the dense model's (`"kl"`; on the 27M reference model it prefers the cost plans, which
     perturb the dense model least, where held-out perplexity prefers a fixed shape: docs/results.md). Ties keep
     the earlier candidate. Returns the name and every score. For `kl` the dense model is moved to `device` for
     the scoring and back. `scored`: score on these sequences instead (e.g. sampled from the dense model); then
-    the first `search_samples` calibration sequences prune and none is held out."""
-    pruning, held = search_split(calibration.shape[0], search_samples, holdout, scored is not None)
-    train = calibration[:pruning]
+    no calibration sequence is held out."""
+    train_rows, held_rows = search_rows(calibration.shape[0], search_samples, holdout, scored is not None)
+    train = calibration[train_rows]
     if scored is None:
-        scored = calibration[calibration.shape[0] - held:]
+        scored = calibration[held_rows]
     scores = {}
     with _dense_on(model, device if score == "kl" else None) as dense:
         for name, plans in tqdm(list(candidates.items()), desc="scoring allocations", unit="plan",

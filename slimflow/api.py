@@ -169,6 +169,8 @@ def prune(
     schedule_options: dict | None = None,
     layer_store=None,
     correct_drift: bool = False,
+    generated_samples: int = 0,
+    seed: int = 0,
 ) -> PruneReport:
     """Physically remove head units and FFN channels from `model`, in place.
 
@@ -212,10 +214,15 @@ def prune(
             each layer also compensates the error of the layers pruned before it. Layer-wise methods only.
             Costs about two more forwards of every layer, a copy of the layer being pruned and a second copy
             of the calibration hidden states. Measured worse at 50% (docs/results.md), so off by default.
+        generated_samples: add this many sequences sampled from the dense model itself (ancestral sampling from
+            its BOS token, `seqlen` tokens each, `seed`) to the calibration set, after the given ones: text that
+            follows the model's own distribution instead of one corpus (docs/engine.md, "Sampled calibration
+            sequences"). Needs the whole model on `device` while sampling; not with `layer_store`.
+        seed: seed of the sampled sequences.
     """
     start = time.perf_counter()
     adapter = get_adapter(model)
-    if calibration.dim() != 2 or calibration.shape[0] < 1:
+    if calibration.dim() != 2 or calibration.shape[0] + generated_samples < 1:
         raise ValueError(f"calibration must be a [num_samples, seqlen] tensor of token ids, got {tuple(calibration.shape)}")
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos and calibration.shape[1] > max_pos:
@@ -237,12 +244,14 @@ def prune(
 
     schedule_widths()  # an impossible request fails here, before the method changes the model
     dev = _resolve_device(device, model)
+    times = PhaseTimes()
+    if generated_samples:
+        calibration = _with_sampled(model, calibration, generated_samples, seed, dev, dp, layer_store, progress, times)
     pruner.prepare_model(model, adapter)
     layer_plan = schedule_widths()  # of the model as the method prepared it (added biases count)
     was_training = model.training
     model.eval()
     use_cache = getattr(model.config, "use_cache", None)
-    times = PhaseTimes()
     allocation: dict = {}
     try:
         budget = Budget(layer_shapes(model, adapter), ratio * reference_params - (reference_params -
@@ -260,7 +269,8 @@ def prune(
     settings = {
         "method": pruner.name, "method_options": pruner.options.to_dict(), "ratio": ratio, "schedule": schedule,
         "spread": spread, "max_layer_ratio": max_layer_ratio, "channel_multiple": channel_multiple,
-        "num_samples": int(calibration.shape[0]), "seqlen": int(calibration.shape[1]), "batch_size": batch_size,
+        "num_samples": int(calibration.shape[0]) - generated_samples, "generated_samples": generated_samples,
+        "seed": seed, "seqlen": int(calibration.shape[1]), "batch_size": batch_size,
         "device": str(dev), "model_type": model.config.model_type,
         "decoder_ratio": layer_plan.decoder_ratio if schedule and schedule != ADAPTIVE else None,
         "data_parallel": dp.world, "correct_drift": correct_drift,
@@ -270,6 +280,24 @@ def prune(
         settings["allocation"] = allocation_info
     return PruneReport(settings, params_before, surgery.count_parameters(model), reference_params, ratio, results,
                        time.perf_counter() - start, times.as_dict())
+
+
+def _with_sampled(model, calibration, count, seed, device, dp, layer_store, progress, times) -> torch.Tensor:
+    """`calibration` followed by `count` sequences sampled from the dense `model` (rank 0 samples, every rank
+    gets its sequences)."""
+    from slimflow.data.generated import sample_sequences
+
+    if count < 0:
+        raise ValueError(f"generated_samples must be ≥ 0, got {count}")
+    if layer_store is not None:
+        raise ValueError("generated_samples needs the whole model in memory to sample from it; streaming pruning "
+                         "cannot: set generated_samples to 0")
+    t = time.perf_counter()
+    sampled = sample_sequences(model, count, calibration.shape[1], seed=seed, device=device,
+                               progress=progress) if dp.rank == 0 else None
+    sampled = dp.broadcast_object(sampled)
+    times.extra["sampling"] = round(time.perf_counter() - t, 4)
+    return torch.cat([calibration, sampled.to(calibration.device, calibration.dtype)])
 
 
 def _run_hooks(pruner: PruningMethod, engine: Engine, budget: Budget, layer_plan: Plan, schedule: str | None,

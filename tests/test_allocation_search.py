@@ -48,15 +48,17 @@ def test_search_keeps_the_candidate_closest_to_the_dense_model_on_held_out_seque
     chosen, scores = allocation.search_plans(model, adapter, ids, candidates, get_method("slimgpt"),
                                              torch.device("cpu"), batch_size=4, search_samples=8, holdout=4,
                                              score="kl", progress=False)
-    # each candidate pruned on the first 8 sequences; the last 4 (never pruned on) score it
-    assert all(torch.equal(x, ids[:8]) for x in seen) and len(seen) == 3
+    # each candidate pruned on 8 sequences spread over the set; 4 others (never pruned on) score it
+    train, held = allocation.search_rows(16, 8, 4)
+    assert held == [2, 6, 10, 14] and len(train) == 8 and not set(train) & set(held)
+    assert all(torch.equal(x, ids[train]) for x in seen) and len(seen) == 3
     expected = {}
     for name, plans in candidates.items():  # brute force: prune a copy, KL on the held-out rows
         trial = copy.deepcopy(model)
-        prune_layers(trial, adapter, ids[:8], plans, get_method("slimgpt"), torch.device("cpu"), 4, progress=False)
+        prune_layers(trial, adapter, ids[train], plans, get_method("slimgpt"), torch.device("cpu"), 4, progress=False)
         with torch.no_grad():
-            p = torch.log_softmax(model(ids[12:]).logits[:, :-1].double(), -1)
-            q = torch.log_softmax(trial(ids[12:]).logits[:, :-1].double(), -1)
+            p = torch.log_softmax(model(ids[held]).logits[:, :-1].double(), -1)
+            q = torch.log_softmax(trial(ids[held]).logits[:, :-1].double(), -1)
         expected[name] = float((p.exp() * (p - q)).sum(-1).mean())
     assert scores == pytest.approx(expected, rel=1e-4)
     assert chosen == min(expected, key=expected.get)
@@ -67,10 +69,11 @@ def test_search_keeps_the_candidate_closest_to_the_dense_model_on_held_out_seque
                                              progress=False)
     for name, plans in candidates.items():
         trial = copy.deepcopy(model)
-        prune_layers(trial, adapter, ids[:8], plans, get_method("slimgpt"), torch.device("cpu"), 4, progress=False)
+        prune_layers(trial, adapter, ids[train], plans, get_method("slimgpt"), torch.device("cpu"), 4, progress=False)
         with torch.no_grad():
-            logits = trial(ids[12:]).logits[:, :-1].double()
-        expected[name] = float(torch.nn.functional.cross_entropy(logits.reshape(-1, 128), ids[12:, 1:].reshape(-1)))
+            logits = trial(ids[held]).logits[:, :-1].double()
+        expected[name] = float(torch.nn.functional.cross_entropy(logits.reshape(-1, 128),
+                                                                 ids[held][:, 1:].reshape(-1)))
     assert scores == pytest.approx(expected, rel=1e-4)
     assert chosen == min(expected, key=expected.get)
 
@@ -87,6 +90,17 @@ def test_default_adaptive_records_its_search_and_hits_the_ratio():
     off = slimflow.prune(tiny_model("qwen2"), _ids(16, 32), ratio=0.4, schedule="adaptive", progress=False,
                          schedule_options={"search": False})
     assert "search" not in off.settings["allocation"]
+
+
+def test_search_rows_are_disjoint_and_spread_over_the_whole_calibration_set():
+    for n, search, hold in ((128, 32, 16), (256, 32, 16), (20, 32, 16), (9, 4, 2)):
+        train, held = allocation.search_rows(n, search, hold)
+        assert (len(train), len(held)) == allocation.search_split(n, search, hold)
+        assert not set(train) & set(held) and len(set(train)) == len(train) and len(set(held)) == len(held)
+        for rows in (train, held):  # every half of the set is represented (real text, then sampled sequences)
+            assert any(r < n // 2 for r in rows) and any(r >= n // 2 for r in rows)
+    train, held = allocation.search_rows(8, 32, 16, generated=True)
+    assert train == list(range(8)) and held == []
 
 
 def test_too_few_sequences_to_hold_out_falls_back_to_the_cost_plan():

@@ -86,3 +86,22 @@ def test_adaptive_scored_on_generated_text_records_it_and_hits_the_ratio():
     assert abs(report.realised_fraction - 0.4) <= 0.005
     with pytest.raises(ScheduleError, match="choose one of calibration, generated"):
         slimflow.prune(tiny_model(), ids, ratio=0.3, schedule="adaptive", schedule_options={"score_on": "text"})
+
+
+def test_generated_samples_prune_exactly_as_the_calibration_set_with_the_samples_appended():
+    ids = torch.randint(3, 128, (6, 16), generator=torch.Generator().manual_seed(0))
+    model, twin = tiny_model("llama_gqa"), tiny_model("llama_gqa")
+    sampled = sample_sequences(twin, 4, 16, seed=7)
+    report = slimflow.prune(model, ids, ratio=0.3, generated_samples=4, seed=7, progress=False)
+    slimflow.prune(twin, torch.cat([ids, sampled]), ratio=0.3, progress=False)
+    for a, b in zip(model.state_dict().values(), twin.state_dict().values()):
+        assert torch.equal(a, b)
+    settings = report.settings
+    assert (settings["num_samples"], settings["generated_samples"], settings["seed"]) == (6, 4, 7)
+    assert "sampling" in report.phase_times
+    # sampled sequences alone (no calibration text) prune too
+    alone = slimflow.prune(tiny_model("llama_gqa"), torch.empty(0, 16, dtype=torch.long), ratio=0.3,
+                           generated_samples=4, seed=7, progress=False)
+    assert alone.settings["num_samples"] == 0 and abs(alone.realised_fraction - 0.3) < 0.02
+    with pytest.raises(ValueError, match="generated_samples must be"):
+        slimflow.prune(tiny_model(), ids, ratio=0.3, generated_samples=-1, progress=False)
