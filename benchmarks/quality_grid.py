@@ -191,6 +191,24 @@ def generated2_cells(models: list[str], reference: str = "ref-llama-27m") -> lis
     return _defaults(out)
 
 
+def final_cells(models: list[str], reference: str = "ref-llama-27m") -> list[dict]:
+    """The comparison on every model: uniform, log_increase and adaptive, with the calibration text alone and
+    with 256 sampled sequences added; seeds 1-2 of both samplings."""
+    plain = (("uniform", 1.0), ("log_increase", 4.0), ("adaptive", 4.0))
+    sampled = (("uniform", 1.0), ("log_increase", 2.0), ("log_increase", 4.0), ("adaptive", 4.0))
+    out = []
+    for seed in (0, 1, 2):
+        group = "main" if seed == 0 else "seeds"
+        for model in models:
+            for ratio in (0.2, 0.5):
+                for sampling in ("tail", "random"):
+                    base = dict(group=group, model=model, ratio=ratio, sampling=sampling, seed=seed)
+                    if seed == 0 or sampling == "random":
+                        out += [base | dict(schedule=s, spread=k) for s, k in plain]
+                    out += [base | dict(schedule=s, spread=k, generated=256) for s, k in sampled]
+    return _defaults(out)
+
+
 def _defaults(out: list[dict]) -> list[dict]:
     for c in out:
         if c["schedule"] in VARIANTS:
@@ -242,7 +260,7 @@ def cells(models: list[str], reference: str = "ref-llama-27m", gqa: str | None =
     return _defaults(out)
 
 
-def _calibration(cell: dict, tensors: dict, dense: dict, sampled: dict, dev) -> torch.Tensor:
+def _calibration(cell: dict, tensors: dict, dense: dict, sampled: dict, dev, plan: str) -> torch.Tensor:
     """The cell's calibration tensor: its first `real` real sequences (all by default; `sampling="none"`: none),
     then `generated` sequences sampled from the dense model (cached per model, count, length, temperature)."""
     parts = []
@@ -257,7 +275,8 @@ def _calibration(cell: dict, tensors: dict, dense: dict, sampled: dict, dev) -> 
         if key not in sampled:
             t = time.perf_counter()
             sampled[key] = sample_sequences(dense["model"], cell["generated"], length, seed=cell["seed"],
-                                            temperature=cell["gen_temperature"], batch_size=128, device=dev)
+                                            temperature=cell["gen_temperature"], device=dev,
+                                            **({"batch_size": 128} if plan == "generated" else {}))
             print(f"sampled {key} in {time.perf_counter() - t:.1f} s", flush=True)
         parts.append(sampled[key])
     return torch.cat(parts) if parts else torch.empty(0, cell["seqlen"], dtype=torch.long)
@@ -272,7 +291,8 @@ def _perplexity(model, ids: torch.Tensor, windows: int, device) -> float:
 
 def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", budget_s: float = 1e9,
         windows: int = WINDOWS, groups: list[str] | None = None, reference: str = "ref-llama-27m",
-        gqa: str | None = None, plan: str = "default", ratios: list[float] | None = None) -> list[dict]:
+        gqa: str | None = None, plan: str = "default", ratios: list[float] | None = None,
+        write_markdown: bool = True) -> list[dict]:
     """Run the grid; `models` maps a short name to a model directory.
 
     Args:
@@ -289,6 +309,7 @@ def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", bu
             adaptive schedule with its search against the fixed shapes), `generated` / `generated2` (sequences
             sampled from the model added to the calibration set).
         ratios: run only the cells of these ratios (default all).
+        write_markdown: also write grid.md beside grid.json (off where a transfer counts files).
     """
     from safetensors.torch import load_file
 
@@ -317,7 +338,7 @@ def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", bu
               "torch": torch.__version__, "windows": windows, "window": WINDOW,
               "dense": {k: {"ppl": v["ppl"], "params": v["params"]} for k, v in dense.items()}}
     planned = {"drift": drift_cells, "search": search_cells, "generated": generated_cells,
-               "generated2": generated2_cells}[plan](
+               "generated2": generated2_cells, "final": final_cells}[plan](
         list(dense), reference) if plan != "default" \
         else cells(list(dense), reference, gqa)
     todo = [c for c in planned if c["model"] in dense and (groups is None or c["group"] in groups)
@@ -327,9 +348,11 @@ def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", bu
         if time.perf_counter() - started > budget_s:
             print(f"budget reached: {len(todo) - i} cells not run", flush=True)
             break
-        via_api = plan != "generated"  # the first series concatenated its samples here; later ones use the API
+        # the first and last series add the sampled sequences here (cached; the same tensors as the API's, tested in
+        # tests/test_generated.py), generated2 through slimflow.prune(generated_samples=...)
+        via_api = plan == "generated2"
         calibration = _calibration(cell | ({"generated": 0} if via_api else {}), tensors, dense[cell["model"]],
-                                   sampled, dev)
+                                   sampled, dev, plan)
         model = copy.deepcopy(dense[cell["model"]]["model"])
         t = time.perf_counter()
         row = dict(cell)
@@ -359,13 +382,14 @@ def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", bu
         del model
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "widths"}), flush=True)
-        _write(outdir, header, rows, time.perf_counter() - started)
+        _write(outdir, header, rows, time.perf_counter() - started, write_markdown)
     return rows
 
 
-def _write(outdir: Path, header: dict, rows: list[dict], elapsed: float) -> None:
+def _write(outdir: Path, header: dict, rows: list[dict], elapsed: float, write_markdown: bool = True) -> None:
     (outdir / "grid.json").write_text(json.dumps(header | {"elapsed_s": round(elapsed, 1), "rows": rows}, indent=1))
-    (outdir / "grid.md").write_text(markdown(header, rows))
+    if write_markdown:
+        (outdir / "grid.md").write_text(markdown(header, rows))
 
 
 def markdown(header: dict, rows: list[dict]) -> str:

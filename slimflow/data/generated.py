@@ -17,7 +17,7 @@ def _cache_argument(model: nn.Module) -> str:
 
 @torch.no_grad()
 def sample_sequences(model: nn.Module, num_samples: int, seqlen: int, *, seed: int = 0, temperature: float = 1.0,
-                     batch_size: int = 32, device: torch.device | str | None = None, start_token: int | None = None,
+                     batch_size: int = 64, device: torch.device | str | None = None, start_token: int | None = None,
                      progress: bool = False) -> torch.Tensor:
     """`[num_samples, seqlen]` token ids sampled from `model` (ancestral sampling at `temperature`, no top-k or
     top-p), each sequence starting with `start_token` (default: the model's BOS token). Deterministic for a
