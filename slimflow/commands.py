@@ -27,6 +27,7 @@ def prune_command(
     sampling: str = "random",
     skip_tokens: int = 0,
     seed: int = 0,
+    generated_samples: int = 0,
     method_kwargs: dict | None = None,
     spread: float = 4.0,
     max_layer_ratio: float | None = None,
@@ -57,7 +58,12 @@ def prune_command(
         seqlen: tokens per calibration sequence.
         sampling: random (seeded windows) or tail (consecutive windows from the end of the text).
         skip_tokens: ignore this many leading tokens of the calibration text (random sampling).
-        seed: seed of the calibration sampling; pruning is deterministic for a given seed.
+        seed: seed of the calibration sampling (and of the sampled sequences); pruning is deterministic for a
+            given seed.
+        generated_samples: add this many sequences sampled from the model itself (from its BOS token, seqlen
+            tokens each) to the calibration set: recommended where the calibration text is narrow (one book,
+            one domain), see docs/results.md; sampling needs the whole model on the device and is not possible
+            with --streaming.
         method_kwargs: deprecated: method options as a mapping; use `--method.OPTION VALUE`.
         spread: r_max / r_min of the linear and log_increase schedules.
         max_layer_ratio: optional cap on any single layer's ratio.
@@ -104,6 +110,8 @@ def prune_command(
     if batch_size < 1:
         raise InvalidValueError(f"--batch-size must be ≥ 1, got {batch_size}")
     check_calibration_options(num_samples, seqlen, sampling, skip_tokens)
+    if generated_samples < 0:
+        raise InvalidValueError(f"--generated-samples must be ≥ 0, got {generated_samples}")
     if schedule is not None and schedule not in (ADAPTIVE, *SCHEDULES):
         raise ScheduleError(f"unknown schedule {schedule!r}; choose one of {', '.join((ADAPTIVE, *SCHEDULES))}")
     # unknown method, bad method option or a schedule the method refuses
@@ -122,6 +130,9 @@ def prune_command(
             raise InvalidValueError(f"--streaming reads a local model directory, but {model!r} is not one: download "
                                     "the model first or pass --streaming false")
         check_streamable(pruner)
+        if generated_samples:
+            raise InvalidValueError("--generated-samples samples from the whole model, which streaming pruning never "
+                                    "holds in memory: pass --generated-samples 0 or --streaming false")
 
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
@@ -139,10 +150,11 @@ def prune_command(
             net.to(dev)
         report = run_prune(net, ids, ratio, schedule, pruner, spread=spread, max_layer_ratio=max_layer_ratio,
                            channel_multiple=channel_multiple, batch_size=batch_size, device=dev, progress=progress,
-                           schedule_options=schedule_options,
+                           schedule_options=schedule_options, generated_samples=generated_samples, seed=seed,
                            layer_store=session.layers if stream else None)
         info = report.to_dict()
-        info["calibration"] = {"source": calibration, "sampling": sampling, "seed": seed, "skip_tokens": skip_tokens}
+        info["calibration"] = {"source": calibration, "sampling": sampling, "seed": seed, "skip_tokens": skip_tokens,
+                               "generated_samples": generated_samples}
         info["source_model"] = model
         info["streaming"] = bool(stream)
         info["save_dtype"] = str(target_dtype).removeprefix("torch.")

@@ -127,6 +127,9 @@ ROWS = [
     ("calibration-empty", PRUNE + ["--calibration", "empty.txt"], "contains no text"),
     ("calibration-repeats", PRUNE + ["--calibration", "short.txt", "--num-samples", "64"], "reused"),
     ("calibration-tail-short", PRUNE + ["--sampling", "tail", "--num-samples", "400"], "--num-samples"),
+    ("generated-negative", PRUNE + ["--generated-samples", "-3"], "--generated-samples must be ≥ 0, got -3"),
+    ("generated-streaming", PRUNE + ["--generated-samples", "4", "--streaming", "true"],
+     "pass --generated-samples 0 or --streaming false"),
     ("output-exists", PRUNE + ["--output", "foreign"], "already exists: choose another --output or pass --overwrite"),
     ("overwrite-foreign", PRUNE + ["--output", "foreign", "--overwrite"], "--overwrite refuses to replace"),
     # fit (LightningCLI)

@@ -106,7 +106,7 @@ def test_user_module_gains_pruning_lora_eval_export(assets, tmp_path, capsys):
         Evaluation(ppl=[spec], max_windows=8, samples=2, sample_tokens=5, model_attr="net"),
         LoRARecovery(r=4, alpha=8, dropout=0.0, model_attr="net"),
         StructuredPruning(ratio=0.2, schedule=RatioSchedule("uniform"), model_attr="net"),
-        Calibration(source=assets["text"], num_samples=8, seqlen=32),
+        Calibration(source=assets["text"], num_samples=8, seqlen=32, generated_samples=4),
     ]  # deliberately out of order: the callbacks coordinate through events, not list order
     trainer = pl.Trainer(default_root_dir=tmp_path, max_epochs=1, accelerator="cpu",
                          logger=CSVLogger(tmp_path, name="logs"), enable_checkpointing=False,
@@ -116,6 +116,8 @@ def test_user_module_gains_pruning_lora_eval_export(assets, tmp_path, capsys):
     assert "slimflow: pruning 20%" in printed.out and "slimflow: pruned: perplexity" in printed.out
     assert "pruning layers" not in printed.err  # enable_progress_bar=False: status lines, no bars
 
+    settings = callbacks[3].last_report["settings"]  # 8 drawn + 4 sampled from the model
+    assert (settings["num_samples"], settings["generated_samples"]) == (8, 4)
     assert not isinstance(module.net, PeftModel)  # LoRA merged at the end
     params = count_parameters(module.net)
     assert abs(params / dense_params - 0.8) < 0.02

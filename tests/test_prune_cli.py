@@ -44,6 +44,26 @@ def test_prune_writes_a_reloadable_checkpoint(workdir):
     assert json.loads((out / "pruning.json").read_text())["settings"]["ratio"] == 0.3
 
 
+def test_generated_samples_from_the_command_line_prune_like_the_api(workdir):
+    import slimflow
+    from slimflow.data.calibration import calibration_ids
+    from slimflow.models import load_tokenizer
+
+    run(workdir, "--ratio", "0.25", "--generated-samples", "4", "--seed", "3", "--device", "cpu", output="sampled")
+    out = workdir / "sampled"
+    info = json.loads((out / "pruning.json").read_text())
+    assert (info["settings"]["num_samples"], info["settings"]["generated_samples"]) == (8, 4)
+    assert info["calibration"]["generated_samples"] == 4
+    ids = calibration_ids(str(workdir / "calib.txt"), load_tokenizer(str(workdir / "dense")), 8, 32, 3, "random", 0)
+    twin = tiny_model("llama_gqa")
+    slimflow.prune(twin, ids, ratio=0.25, generated_samples=4, seed=3, device="cpu", progress=False)
+    from slimflow import load_pruned
+
+    model = load_pruned(out)
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5), name
+
+
 # More bad inputs, across all subcommands, are in tests/test_cli_errors.py.
 @pytest.mark.parametrize(
     "extra,match",

@@ -64,11 +64,16 @@ class Calibration(SlimflowCallback):
         seqlen: tokens per sequence.
         seed: seed of the window offsets.
         skip_tokens: tokens skipped at the start of the text (keep clear of an evaluation prefix).
+        generated_samples: add this many sequences sampled from the model itself (seeded by `seed`) to the
+            drawn ones, at each prune: recommended where the calibration text is narrow (docs/results.md).
     """
 
     def __init__(self, source: str = "c4", num_samples: int = 128, seqlen: int = 2048, seed: int = 0,
-                 skip_tokens: int = 0):
+                 skip_tokens: int = 0, generated_samples: int = 0):
+        if generated_samples < 0:
+            raise InvalidValueError(f"Calibration generated_samples must be ≥ 0, got {generated_samples}")
         self.data = CalibrationData(source, None, num_samples, seqlen, seed, skip_tokens)
+        self.generated_samples = generated_samples
         self.checksum = 0
 
     def check(self, trainer, pl_module, model) -> None:
@@ -84,7 +89,7 @@ class Calibration(SlimflowCallback):
     def state_dict(self) -> dict:
         d = self.data
         return {"num_samples": d.num_samples, "seqlen": d.seqlen, "seed": d.seed, "skip_tokens": d.skip_tokens,
-                "checksum": self.checksum}
+                "generated_samples": self.generated_samples, "checksum": self.checksum}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.checksum = state_dict.get("checksum", 0)
@@ -250,8 +255,9 @@ class StructuredPruning(SlimflowCallback):
         calibrate = slimflow_callbacks(trainer, Calibration)[0]
         stage = f"stage {k + 1}/{len(self.ratios)}: " if len(self.ratios) > 1 else ""
         if self.progress:
+            sampled = f" (+ {calibrate.generated_samples} sampled from the model)" if calibrate.generated_samples else ""
             say(trainer, f"{stage}drawing {calibrate.data.num_samples} x {calibrate.data.seqlen} calibration tokens "
-                         f"from {calibrate.data.source}")
+                         f"from {calibrate.data.source}{sampled}")
         calibration = calibrate.ids(trainer, pl_module, model)
         if self.progress:
             say(trainer, f"{stage}pruning {self.ratios[k]:.0%} of {self.dense_params:,} parameters with {self.method_name} "
@@ -260,7 +266,8 @@ class StructuredPruning(SlimflowCallback):
         with torch.no_grad():
             report = prune(model, calibration, ratio=self.ratios[k], method=self._method_spec,
                            reference_params=self.dense_params, batch_size=self.batch_size, device=self._device(trainer),
-                           progress=bars, **self.schedule.kwargs())
+                           progress=bars, generated_samples=calibrate.generated_samples, seed=calibrate.data.seed,
+                           **self.schedule.kwargs())
         self.stage = k + 1
         self.widths = [list(w.to_dict().values()) for w in report.widths]
         self.reports.append(_light_report(report))
