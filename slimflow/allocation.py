@@ -233,7 +233,8 @@ def search_rows(num_samples: int, search_samples: int = 32, holdout: int = 16,
     pruning, held = search_split(num_samples, search_samples, holdout, generated)
     rows = list(range(num_samples))
     held_rows = [] if generated else _spaced(held, rows)
-    rest = [r for r in rows if r not in set(held_rows)]
+    held_set = set(held_rows)
+    rest = [r for r in rows if r not in held_set]
     return _spaced(pruning, rest), held_rows
 
 
@@ -259,8 +260,8 @@ def search_plans(model: nn.Module, adapter: ModelAdapter, calibration: torch.Ten
 
     Each candidate prunes a copy of `model` with `search_samples` calibration sequences (the same method,
     sequentially, as the final pass) and is scored on `holdout` others, which no candidate saw (both spread
-    evenly over the set, `search_rows`): by its next-token loss (`score="loss"`, default) or by the KL divergence of its next-token
-    distributions from the dense model's (`"kl"`; on the 27M reference model it prefers the cost plans, which
+    evenly over the set, `search_rows`): by its next-token loss (`score="loss"`, default) or by the KL
+    divergence of its next-token distributions from the dense model's (`"kl"`; on the 27M reference model it prefers the cost plans, which
     perturb the dense model least, where held-out perplexity prefers a fixed shape: docs/results.md). Ties keep
     the earlier candidate. Returns the name and every score. For `kl` the dense model is moved to `device` for
     the scoring and back. `scored`: score on these sequences instead (e.g. sampled from the dense model); then

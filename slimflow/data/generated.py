@@ -1,5 +1,5 @@
 """Sequences sampled from the model itself: calibration and held-out text that follows the model's own
-distribution rather than one corpus (docs/engine.md, "Self-generated sequences")."""
+distribution rather than one corpus (docs/engine.md, "Sampled calibration sequences")."""
 
 from __future__ import annotations
 
