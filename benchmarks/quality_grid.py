@@ -361,7 +361,8 @@ def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", bu
                                     method=slimgpt(damp=cell["damp"]), device=dev,
                                     progress=False, schedule_options=cell["options"] or None, batch_size=16,
                                     spread=cell["spread"], correct_drift=cell["drift"],
-                                    **({"generated_samples": cell["generated"], "seed": cell["seed"]} if via_api else {}))
+                                    **({"generated_samples": cell["generated"], "seed": cell["seed"]}
+                                       if via_api else {}))
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             row["prune_s"] = round(time.perf_counter() - t, 2)

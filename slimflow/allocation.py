@@ -261,11 +261,12 @@ def search_plans(model: nn.Module, adapter: ModelAdapter, calibration: torch.Ten
     Each candidate prunes a copy of `model` with `search_samples` calibration sequences (the same method,
     sequentially, as the final pass) and is scored on `holdout` others, which no candidate saw (both spread
     evenly over the set, `search_rows`): by its next-token loss (`score="loss"`, default) or by the KL
-    divergence of its next-token distributions from the dense model's (`"kl"`; on the 27M reference model it prefers the cost plans, which
-    perturb the dense model least, where held-out perplexity prefers a fixed shape: docs/results.md). Ties keep
-    the earlier candidate. Returns the name and every score. For `kl` the dense model is moved to `device` for
-    the scoring and back. `scored`: score on these sequences instead (e.g. sampled from the dense model); then
-    no calibration sequence is held out."""
+    divergence of its next-token distributions from the dense model's (`"kl"`; on the 27M reference model it
+    prefers the cost plans, which perturb the dense model least, where held-out perplexity prefers a fixed
+    shape: docs/results.md). Ties keep the earlier candidate. Returns the name and every score. For `kl` the
+    dense model is moved to `device` for the scoring and back. `scored`: score on these sequences instead (e.g.
+    sampled from the dense model); then no calibration sequence is held out.
+    """
     train_rows, held_rows = search_rows(calibration.shape[0], search_samples, holdout, scored is not None)
     train = calibration[train_rows]
     if scored is None:

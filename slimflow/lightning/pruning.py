@@ -255,7 +255,8 @@ class StructuredPruning(SlimflowCallback):
         calibrate = slimflow_callbacks(trainer, Calibration)[0]
         stage = f"stage {k + 1}/{len(self.ratios)}: " if len(self.ratios) > 1 else ""
         if self.progress:
-            sampled = f" (+ {calibrate.generated_samples} sampled from the model)" if calibrate.generated_samples else ""
+            count = calibrate.generated_samples
+            sampled = f" (+ {count} sampled from the model)" if count else ""
             say(trainer, f"{stage}drawing {calibrate.data.num_samples} x {calibrate.data.seqlen} calibration tokens "
                          f"from {calibrate.data.source}{sampled}")
         calibration = calibrate.ids(trainer, pl_module, model)
