@@ -24,6 +24,7 @@ METHODS = {
     "taylor": {},
     "slimllm": {},
     "llm-surgeon": {"shots": 2},
+    "slimgpt+sampled": {},  # slimgpt with 3 sequences sampled from the model (rank 0 samples, all ranks use them)
 }
 RATIO = 0.3
 WORLD = 2
@@ -37,8 +38,9 @@ def prune_one(method: str):
     import slimflow
 
     model = tiny_model("llama_gqa", seed=1)
-    report = slimflow.prune(model, calibration(), ratio=RATIO, method=method, method_kwargs=METHODS[method],
-                            batch_size=2, device="cpu", progress=False)
+    sampled = {"generated_samples": 3, "seed": 5} if method.endswith("+sampled") else {}
+    report = slimflow.prune(model, calibration(), ratio=RATIO, method=method.removesuffix("+sampled"),
+                            method_kwargs=METHODS[method], batch_size=2, device="cpu", progress=False, **sampled)
     kept = [[r.kept_units, r.kept_channels] for r in report.layers]
     return kept, {k: v.detach().clone() for k, v in model.state_dict().items()}, report
 
