@@ -224,6 +224,7 @@ def compare(
     seqlen: int = 512,
     sampling: str = "tail",
     seed: int = 0,
+    generated_samples: int = 0,
     grad_samples: int | None = None,
     method_options: dict | None = None,
     perplexity: list[str] = ["wikitext2:128"],
@@ -251,7 +252,9 @@ def compare(
         num_samples: calibration sequences.
         seqlen: tokens per calibration sequence.
         sampling: random or tail (consecutive windows from the end of the text).
-        seed: seed of random sampling.
+        seed: seed of random sampling and of the sampled sequences.
+        generated_samples: add this many sequences sampled from the dense model (once, the same for every method)
+            to the calibration set, as `slimflow prune --generated-samples` does.
         grad_samples: calibration sequences for the gradient methods (taylor, llm-surgeon); default all.
         method_options: deprecated: options per method name, e.g. '{"llm-surgeon": {"shots": 8}}'; give them in
             --methods instead.
@@ -284,6 +287,8 @@ def compare(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     check_calibration_options(num_samples, seqlen, sampling)
+    if generated_samples < 0:
+        raise InvalidValueError(f"--generated-samples must be ≥ 0, got {generated_samples}")
     for spec in perplexity:
         name = parse_spec(spec)[0]
         if name not in PRESETS:
@@ -302,6 +307,12 @@ def compare(
     net = load_model(model, dtype=dt, device=dev)
     rows = [{"method": "dense", "ratio": 0.0, "realised": 0.0, "params": sum(p.numel() for p in net.parameters()),
              "seconds": 0.0, "samples": 0, "ppl": evaluate(net)}]
+    if generated_samples:  # sampled once from the dense model: every method prunes with the same sequences
+        import torch
+
+        from slimflow.data.generated import sample_sequences
+
+        ids = torch.cat([ids, sample_sequences(net, generated_samples, seqlen, seed=seed, progress=progress)])
     del net
     for ratio in ratios:
         for built in pruners:

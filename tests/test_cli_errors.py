@@ -158,6 +158,7 @@ ROWS = [
     ("compare-ratio-range", COMPARE + ["--ratios", "[1.2]"], "--ratios must be fractions in (0, 1)"),
     ("compare-ppl-missing", COMPARE + ["--perplexity", "[missing.txt:32]"], "'missing.txt' does not exist"),
     ("compare-output-exists", COMPARE + ["--output", "foreign"], "already exists"),
+    ("compare-generated-negative", COMPARE + ["--generated-samples", "-1"], "--generated-samples must be ≥ 0"),
     ("compare-model-unsupported", COMPARE + ["--model", "gpt2"], "cannot prune model_type='gpt2'"),
     # export
     ("export-model-missing", EXPORT + ["--model", "./missing"], "no model directory at ./missing"),

@@ -78,3 +78,18 @@ def test_bad_arguments_leave_no_output(workdir, extra, match, capsys):
     assert run(workdir, *extra, output="bad") == 2
     assert __import__("re").search(match, capsys.readouterr().err)
     assert not (workdir / "bad").exists()
+
+
+def test_compare_prunes_every_method_on_the_same_data_and_writes_its_table(workdir):
+    args = ["compare", "--model", str(workdir / "dense"), "--calibration", str(workdir / "calib.txt"),
+            "--output", str(workdir / "cmp"), "--methods", "[magnitude, slimgpt]", "--ratios", "[0.25]",
+            "--num-samples", "8", "--seqlen", "32", "--sampling", "random", "--generated-samples", "3",
+            "--perplexity", f"[{workdir / 'calib.txt'}:32]", "--max-windows", "4", "--device", "cpu"]
+    assert main(args) == 0
+    rows = json.loads((workdir / "cmp" / "comparison.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["dense", "magnitude", "slimgpt"]
+    assert all(r["samples"] == 8 + 3 for r in rows[1:])  # 8 drawn + 3 sampled, the same for every method
+    dense, magnitude, slimgpt = (list(r["ppl"].values())[0] for r in rows)
+    assert dense < slimgpt < magnitude  # OBS compensation beats plain magnitude on its own calibration text
+    assert (workdir / "cmp" / "comparison.md").read_text().count("|") > 10
+    assert (workdir / "cmp" / "comparison.png").stat().st_size > 1000
