@@ -306,8 +306,8 @@ def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", bu
         reference: name of the model that also gets seeds, ablations and the adaptive variant.
         gqa: name of the GQA model for the 65% stress cells (70% is beyond its floors).
         plan: `default` (schedules, seeds, ablations), `drift` (drift correction against none) or `search` (the
-            adaptive schedule with its search against the fixed shapes), `generated` / `generated2` (sequences
-            sampled from the model added to the calibration set).
+            adaptive schedule with its search against the fixed shapes), `generated` / `generated2` / `final`
+            (sequences sampled from the model added to the calibration set).
         ratios: run only the cells of these ratios (default all).
         write_markdown: also write grid.md beside grid.json (off where a transfer counts files).
     """
@@ -348,8 +348,9 @@ def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", bu
         if time.perf_counter() - started > budget_s:
             print(f"budget reached: {len(todo) - i} cells not run", flush=True)
             break
-        # the first and last series add the sampled sequences here (cached; the same tensors as the API's, tested in
-        # tests/test_generated.py), generated2 through slimflow.prune(generated_samples=...)
+        # `generated` and `final` add the sampled sequences here, cached per seed (`final` with the API's batch of
+        # 64, so the same tensors as slimflow.prune(generated_samples=...), tests/test_generated.py; `generated`
+        # with batches of 128); `generated2` goes through slimflow.prune(generated_samples=...)
         via_api = plan == "generated2"
         calibration = _calibration(cell | ({"generated": 0} if via_api else {}), tensors, dense[cell["model"]],
                                    sampled, dev, plan)
