@@ -24,13 +24,15 @@ from slimflow.adapters import ModelAdapter
 from slimflow.algorithms.allocation import CostCurve, channel_cost_curve, channel_grid, head_cost_curve, solve_budget
 from slimflow.algorithms.hessian import HessianAccumulator
 from slimflow.algorithms.obs import condition_hessian, invert_hessian
-from slimflow.algorithms.schedules import LayerPlan, LayerShape, ScheduleError, layer_limits
+from slimflow.algorithms.schedules import LayerPlan, LayerShape, ScheduleError, _absorb_rounding, layer_limits
 from slimflow.pipeline import _propagate, capture_layer_inputs, prune_layers
 
 NORMALIZATIONS = ("gradient", "residual", "none")
 
 
-OPTIONS = ("normalize", "points", "search", "search_samples", "holdout", "score", "score_on")
+OPTIONS = ("normalize", "points", "search", "search_samples", "holdout", "score", "score_on", "families")
+FAMILIES = ("cost", "fixed")  # candidate families the search scores by default (`candidate_plans`)
+ALL_FAMILIES = ("cost", "fixed", "split", "blend")
 SCORES = ("loss", "kl")
 SCORE_ON = ("calibration", "generated")
 
@@ -53,6 +55,11 @@ def check_schedule_options(schedule: str | None, options: dict | None) -> None:
     if options.get("score_on", "calibration") not in SCORE_ON:
         raise ScheduleError(f"unknown score_on={options['score_on']!r} for the adaptive schedule; choose one of "
                             f"{', '.join(SCORE_ON)}")
+    families = options.get("families", FAMILIES)
+    if (isinstance(families, str) or not families
+            or any(not isinstance(f, str) or f not in ALL_FAMILIES for f in families)):
+        raise ScheduleError(f"adaptive schedule option families must be a non-empty list of "
+                            f"{', '.join(ALL_FAMILIES)}; got {families!r}")
     for name in ("search_samples", "holdout"):
         if name in options and (not isinstance(options[name], int) or options[name] < 1):
             raise ScheduleError(f"adaptive schedule option {name} must be a positive integer, got {options[name]!r}")
@@ -155,6 +162,16 @@ def measure_cost_curves(model: nn.Module, adapter: ModelAdapter, calibration: to
     return head_curves, channel_curves, energies
 
 
+def block_scales(energies: list[tuple[float, float]], normalize: str,
+                 gradients: list[tuple[float, float]] | None = None) -> list[tuple[float, float]]:
+    """Per layer, the factors (attention block, FFN block) that make its OBS errors comparable (`allocate`)."""
+    if normalize == "gradient":
+        return [tuple(g) for g in gradients]
+    if normalize == "residual":
+        return [(1 / max(a, 1e-30), 1 / max(f, 1e-30)) for a, f in energies]
+    return [(1.0, 1.0) for _ in energies]
+
+
 def allocate(head_curves: list[CostCurve], channel_curves: list[CostCurve], energies: list[tuple[float, float]],
              shapes: list[LayerShape], target_params: float, normalize: str = "gradient",
              gradients: list[tuple[float, float]] | None = None) -> list[LayerPlan]:
@@ -167,10 +184,7 @@ def allocate(head_curves: list[CostCurve], channel_curves: list[CostCurve], ener
         raise ScheduleError(f"unknown normalize={normalize!r} for the adaptive schedule; choose one of "
                             f"{', '.join(NORMALIZATIONS)}")
     curves = []
-    for (e_attn, e_ffn), h, c in zip(energies, head_curves, channel_curves):
-        s_attn, s_ffn = (1 / max(e_attn, 1e-30), 1 / max(e_ffn, 1e-30)) if normalize == "residual" else (1.0, 1.0)
-        if normalize == "gradient":
-            s_attn, s_ffn = gradients[len(curves) // 2]
+    for (s_attn, s_ffn), h, c in zip(block_scales(energies, normalize, gradients), head_curves, channel_curves):
         curves.append(CostCurve(h.counts, [x * s_attn for x in h.costs], h.unit_params))
         curves.append(CostCurve(c.counts, [x * s_ffn for x in c.costs], c.unit_params))
     try:
@@ -184,6 +198,67 @@ def allocate(head_curves: list[CostCurve], channel_curves: list[CostCurve], ener
         channels = curves[2 * i + 1].counts[chosen[2 * i + 1]]
         plans.append(LayerPlan((units * shape.unit_params + channels * shape.channel_params) / shape.prunable,
                                units, channels))
+    return plans
+
+
+def _interpolated(curve: CostCurve, count: int) -> float:
+    """The curve's cost at `count` units, linear between its measured points."""
+    counts = curve.counts
+    if count >= counts[-1]:
+        return curve.costs[-1]
+    k = next(i for i, c in enumerate(counts) if c >= count)
+    if counts[k] == count:
+        return curve.costs[k]
+    a, b = counts[k - 1], counts[k]
+    return curve.costs[k - 1] + (curve.costs[k] - curve.costs[k - 1]) * (count - a) / (b - a)
+
+
+def _channel_counts(shape: LayerShape, max_channels: int, multiple: int) -> list[int]:
+    """Every removable channel count that leaves a multiple of `multiple` channels (and 0)."""
+    return [0] + [c for c in range(1, max_channels + 1) if (shape.channels - c) % multiple == 0]
+
+
+def split_within_layers(head_curves: list[CostCurve], channel_curves: list[CostCurve],
+                        scales: list[tuple[float, float]], shapes: list[LayerShape], layer_plans: list[LayerPlan],
+                        channel_multiple: int, max_ratio: float | None) -> list[LayerPlan]:
+    """Keep each layer's removed parameters from `layer_plans` (a fixed shape) and choose how many of them are
+    head units and how many FFN channels from the layer's own cost curves, weighted by `scales` (attention,
+    FFN): per layer the pair of least weighted cost whose removed parameters are closest to the layer's share
+    (channel costs between the measured grid points are interpolated)."""
+    out = []
+    for h, c, (s_attn, s_ffn), shape, fixed in zip(head_curves, channel_curves, scales, shapes, layer_plans):
+        max_units, max_channels = layer_limits(shape, channel_multiple, max_ratio)
+        budget = fixed.remove_units * shape.unit_params + fixed.remove_channels * shape.channel_params
+        channels = _channel_counts(shape, max_channels, channel_multiple)
+        best = None
+        for units in range(min(max_units, len(h.counts) - 1) + 1):
+            want = (budget - units * shape.unit_params) / shape.channel_params
+            ch = min(channels, key=lambda n: (abs(n - want), n))
+            miss = abs(units * shape.unit_params + ch * shape.channel_params - budget)
+            key = (round(miss / (channel_multiple * shape.channel_params)),
+                   s_attn * h.costs[units] + s_ffn * _interpolated(c, ch), units)
+            if best is None or key < best[0]:
+                best = (key, units, ch)
+        _, units, ch = best
+        out.append(LayerPlan((units * shape.unit_params + ch * shape.channel_params) / shape.prunable, units, ch))
+    return out
+
+
+def blend_plans(a: list[LayerPlan], b: list[LayerPlan], shapes: list[LayerShape], target_params: float,
+                channel_multiple: int, max_ratio: float | None) -> list[LayerPlan]:
+    """Per layer and kind, the mean of two plans' removals (head units rounded, channels to `channel_multiple`),
+    then FFN channels shifted to meet `target_params` as closely as whole steps allow."""
+    plans, limits = [], []
+    for pa, pb, shape in zip(a, b, shapes):
+        max_units, max_channels = layer_limits(shape, channel_multiple, max_ratio)
+        units = min(max_units, int((pa.remove_units + pb.remove_units + 1) // 2))
+        keep = shape.channels - (pa.remove_channels + pb.remove_channels) / 2
+        keep = channel_multiple * round(keep / channel_multiple)
+        ch = min(max_channels, max(0, shape.channels - keep))
+        plans.append(LayerPlan((units * shape.unit_params + ch * shape.channel_params) / shape.prunable, units, ch))
+        limits.append((max_units, max_channels))
+    removed = sum(p.remove_units * s.unit_params + p.remove_channels * s.channel_params for p, s in zip(plans, shapes))
+    _absorb_rounding(plans, shapes, limits, channel_multiple, target_params - removed)
     return plans
 
 
@@ -283,18 +358,48 @@ def search_plans(model: nn.Module, adapter: ModelAdapter, calibration: torch.Ten
     return best, scores
 
 
+def candidate_plans(heads: list[CostCurve], channels: list[CostCurve], energies: list[tuple[float, float]],
+                    gradients: list[tuple[float, float]] | None, shapes: list[LayerShape], target_params: float,
+                    normalize: str, fixed_plans: dict[str, list[LayerPlan]], channel_multiple: int,
+                    max_ratio: float | None, families=FAMILIES,
+                    cost_plan: list[LayerPlan] | None = None) -> dict[str, list[LayerPlan]]:
+    """The plans the search scores, by family: `cost` (the cost plans of both weightings, `normalize`'s first),
+    `fixed` (`fixed_plans`: the fixed shapes at the same budget), `split` (each fixed shape's per-layer budget,
+    split between heads and channels by the layer's weighted costs: `split_within_layers`) and `blend` (the
+    mean of `normalize`'s cost plan and each fixed shape: `blend_plans`)."""
+    own = cost_plan or allocate(heads, channels, energies, shapes, target_params, normalize, gradients)
+    out: dict[str, list[LayerPlan]] = {}
+    if "cost" in families:
+        out[f"cost:{normalize}"] = own
+        for other in ("gradient", "residual"):
+            if other != normalize and (other != "gradient" or gradients is not None):
+                out[f"cost:{other}"] = allocate(heads, channels, energies, shapes, target_params, other, gradients)
+    if "fixed" in families:
+        out |= fixed_plans
+    if "split" in families:
+        scales = block_scales(energies, normalize, gradients)
+        for name, layers in fixed_plans.items():
+            out[f"split:{name}"] = split_within_layers(heads, channels, scales, shapes, layers, channel_multiple,
+                                                       max_ratio)
+    if "blend" in families:
+        for name, layers in fixed_plans.items():
+            out[f"blend:{name}"] = blend_plans(own, layers, shapes, target_params, channel_multiple, max_ratio)
+    return out
+
+
 def adaptive_plan(model: nn.Module, adapter: ModelAdapter, calibration: torch.Tensor, shapes: list[LayerShape],
                   target_params: float, channel_multiple: int, max_ratio: float | None, device: torch.device,
                   batch_size: int = 8, damp: float = 0.01, normalize: str = "gradient", points: int = 64,
                   exact_head_score: bool = False, progress: bool = True,
                   times: dict | None = None, search: bool = True, search_samples: int = 32, holdout: int = 16,
-                  score: str = "loss", score_on: str = "calibration",
+                  score: str = "loss", score_on: str = "calibration", families=FAMILIES,
                   fixed_plans: dict[str, list[LayerPlan]] | None = None,
                   method=None) -> tuple[list[LayerPlan], dict]:
     """The adaptive schedule's per-layer plan for `target_params` parameters, and what it measured.
 
-    With `search` (default) the plans from the measured costs (both normalisations) and `fixed_plans` (the fixed
-    shapes at the same budget) are candidates, and `search_plans` keeps the one that scores best on held-out
+    With `search` (default) the plans of `families` (`candidate_plans`: by default those from the measured costs,
+    both normalisations, and `fixed_plans`, the fixed shapes at the same budget) are candidates, and
+    `search_plans` keeps the one that scores best on held-out
     calibration sequences; without it (or without a method to prune the candidates with) the cost plan of
     `normalize` is the answer."""
     t = time.perf_counter()
@@ -308,12 +413,9 @@ def adaptive_plan(model: nn.Module, adapter: ModelAdapter, calibration: torch.Te
             "channel_curves": [c.costs for c in channels]}
     generated = score_on == "generated"
     if search and method is not None and search_split(calibration.shape[0], search_samples, holdout, generated):
-        candidates = {f"cost:{normalize}": plans}
-        for other in ("gradient", "residual"):
-            if other != normalize:
-                candidates[f"cost:{other}"] = allocate(heads, channels, energies, shapes, target_params, other,
-                                                       gradients)
-        candidates |= fixed_plans or {}
+        candidates = candidate_plans(heads, channels, energies, gradients, shapes, target_params, normalize,
+                                     fixed_plans or {}, channel_multiple, max_ratio, families, plans)
+        candidates = candidates or {f"cost:{normalize}": plans}  # no fixed shape fits the floors
         scored = None
         if generated:
             from slimflow.data.generated import sample_sequences
@@ -323,7 +425,7 @@ def adaptive_plan(model: nn.Module, adapter: ModelAdapter, calibration: torch.Te
                                       search_samples, holdout, score, progress, scored)
         plans = candidates[chosen]
         info["search"] = {"chosen": chosen, "score": score, "scores": scores,
-                          "score_on": score_on,
+                          "score_on": score_on, "families": list(families),
                           "split": list(search_split(calibration.shape[0], search_samples, holdout, generated))}
     if times is not None:
         times["allocation"] = round(time.perf_counter() - t, 4)
