@@ -208,7 +208,66 @@ def geo_ppl(book_losses: list[float]) -> float:
     return math.exp(sum(book_losses) / len(book_losses))
 
 
+
+def _paired(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the per-row differences a − b."""
+    d = [x - y for x, y in zip(a, b)]
+    mean = sum(d) / len(d)
+    var = sum((x - mean) ** 2 for x in d) / max(len(d) - 1, 1)
+    return mean, math.sqrt(var / len(d))
+
+
+FIXED = ("uniform", "log_increase:2", "log_increase:4", "log_increase:8")
+
+
+def select(row: dict, rule: str) -> str:
+    """The candidate a selection rule keeps, from the search's per-row held-out losses alone.
+
+    `min:<families>`: least mean loss among the families (comma-separated: cost, fixed, split, blend);
+    `se<k>:<families>`: the best fixed shape unless another candidate beats it by more than k paired standard
+    errors."""
+    kind, families = rule.split(":", 1)
+    fams = families.split(",")
+    names = [n for n in row["candidates"]
+             if ("fixed" in fams and n in FIXED) or any(n.startswith(f + ":") for f in fams if f != "fixed")]
+    loss = {n: row["candidates"][n]["search"] for n in names}
+    best = min(names, key=lambda n: sum(loss[n]))
+    if kind == "min":
+        return best
+    k = float(kind[2:])
+    prior = min((n for n in names if n in FIXED), key=lambda n: sum(loss[n]))
+    mean, se = _paired(loss[best], loss[prior])
+    return best if mean < -k * se else prior
+
+
+def analyze(*, studies: list[str], rules: list[str] = ("min:cost,fixed", "min:cost,fixed,split,blend",
+            "min:fixed,split", "min:fixed,blend", "se1:cost,fixed", "se2:cost,fixed", "se2:cost,fixed,split,blend"),
+            context: str = "book128") -> None:
+    """Per rule: the validation-book perplexity (books weighed alike) of the kept candidate against the best of
+    uniform / log_increase, summed over cells, and the protocol perplexity it would report."""
+    rows = [r for path in studies for r in json.loads(Path(path).read_text())["rows"]]
+    print(f"{len(rows)} cells; validation: {context}")
+    oracle = "oracle"
+    for rule in (*rules, oracle):
+        wins, logs, eval_logs, lines = 0, 0.0, 0.0, []
+        for r in rows:
+            c = r["candidates"]
+            val = {n: geo_ppl(v[context]) for n, v in c.items()}
+            pick = min(val, key=val.get) if rule == oracle else select(r, rule)
+            base = min(("uniform", "log_increase:4"), key=lambda n: val[n])
+            base_eval = min(c["uniform"]["ppl"], c["log_increase:4"]["ppl"])
+            wins += val[pick] < val[base]
+            logs += math.log(val[pick] / val[base])
+            eval_logs += math.log(c[pick]["ppl"] / base_eval)
+            lines.append(f"{r['model'][:9]} {r['ratio']} {r['sampling'][:4]} g{r['generated']} s{r['seed']}: "
+                         f"{pick} val {val[pick]:.1f} vs {val[base]:.1f}, eval {c[pick]['ppl']:.1f} vs {base_eval:.1f}")
+        print(f"{rule:32s} better on validation in {wins}/{len(rows)}; mean log ratio val {logs / len(rows):+.4f}, "
+              f"eval {eval_logs / len(rows):+.4f}")
+        if rule in (rules[0], oracle):
+            print("   " + "\n   ".join(lines))
+
+
 if __name__ == "__main__":
     from jsonargparse import auto_cli
 
-    auto_cli([prepare, run])
+    auto_cli([prepare, run, analyze])

@@ -20,7 +20,7 @@ train() {  # preset steps
 (train ref-llama-gqa-12m 2066 && grid gqa "{'ref-llama-gqa-12m': 'runs/refmodels/ref-llama-gqa-12m'}" None ${B12:-200}) &
 (train ref-qwen2-12m 1781 && grid qwen2 "{'ref-qwen2-12m': 'runs/refmodels/ref-qwen2-12m'}" None ${B12:-200}) &
 wait
-timeout 60 python3 -m benchmarks.sample_speed llama-7b 64 512 > runs/speed.log 2>&1
+[ -n "${SPEED:-}" ] && timeout 60 python3 -m benchmarks.sample_speed llama-7b 64 512 > runs/speed.log 2>&1
 tail -n 3 runs/tokenize.log runs/train_*.log runs/speed.log
 for f in runs/*.log; do echo "== $f"; grep -c '"ppl"' $f; grep -v '"ppl"' $f | tail -n 3; done
 cp runs/train_*.log runs/speed.log $OUT/ 2>/dev/null; ls -R $OUT

@@ -31,7 +31,7 @@ NORMALIZATIONS = ("gradient", "residual", "none")
 
 
 OPTIONS = ("normalize", "points", "search", "search_samples", "holdout", "score", "score_on", "families")
-FAMILIES = ("cost", "fixed")  # candidate families the search scores by default (`candidate_plans`)
+FAMILIES = ("cost", "fixed", "blend")  # candidate families the search scores by default (`candidate_plans`)
 ALL_FAMILIES = ("cost", "fixed", "split", "blend")
 SCORES = ("loss", "kl")
 SCORE_ON = ("calibration", "generated")
