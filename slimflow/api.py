@@ -169,7 +169,7 @@ def prune(
     schedule_options: dict | None = None,
     layer_store=None,
     correct_drift: bool = False,
-    generated_samples: int = 0,
+    generated_samples: int | None = None,
     seed: int = 0,
 ) -> PruneReport:
     """Physically remove head units and FFN channels from `model`, in place.
@@ -217,12 +217,13 @@ def prune(
         generated_samples: add this many sequences sampled from the dense model itself (ancestral sampling from
             its BOS token, `seqlen` tokens each, `seed`) to the calibration set, after the given ones: text that
             follows the model's own distribution instead of one corpus (docs/engine.md, "Sampled calibration
-            sequences"). Needs the whole model on `device` while sampling; not with `layer_store`.
+            sequences"). Needs the whole model on `device` while sampling; not with `layer_store`. None
+            (default): `ADAPTIVE_SAMPLES` (256) with the adaptive schedule (part of its quality setting), else 0.
         seed: seed of the sampled sequences.
     """
     start = time.perf_counter()
     adapter = get_adapter(model)
-    if calibration.dim() != 2 or calibration.shape[0] + generated_samples < 1:
+    if calibration.dim() != 2 or calibration.shape[0] + (generated_samples or 0) < 1:
         raise ValueError(f"calibration must be a [num_samples, seqlen] tensor of token ids, got {tuple(calibration.shape)}")
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos and calibration.shape[1] > max_pos:
@@ -237,6 +238,14 @@ def prune(
     progress = progress and dp.rank == 0
     schedule = pruner.resolve_schedule(schedule)
     check_schedule_options(schedule, schedule_options)
+    if schedule == ADAPTIVE and layer_store is not None:
+        raise ValueError("the adaptive schedule measures the whole model on the calibration data, which a "
+                         "layer_store (streaming) never holds: use a fixed schedule such as log_increase")
+    generated_samples = default_generated_samples(schedule, layer_store is not None) \
+        if generated_samples is None else generated_samples
+    if calibration.shape[0] + generated_samples < 1:
+        raise ValueError("calibration has no sequences and no sampled sequences were asked for: pass calibration "
+                         "text or generated_samples > 0")
     channel_multiple = resolve_channel_multiple(model, adapter, channel_multiple)
 
     def schedule_widths() -> Plan:
@@ -280,6 +289,15 @@ def prune(
         settings["allocation"] = allocation_info
     return PruneReport(settings, params_before, surgery.count_parameters(model), reference_params, ratio, results,
                        time.perf_counter() - start, times.as_dict())
+
+
+ADAPTIVE_SAMPLES = 256  # sequences the adaptive schedule samples from the model by default (docs/results.md)
+
+
+def default_generated_samples(schedule: str | None, streaming: bool = False) -> int:
+    """What `generated_samples=None` means: `ADAPTIVE_SAMPLES` with the adaptive schedule (streaming pruning
+    cannot sample: 0 there), else 0."""
+    return ADAPTIVE_SAMPLES if schedule == ADAPTIVE and not streaming else 0
 
 
 def _with_sampled(model, calibration, count, seed, device, dp, layer_store, progress, times) -> torch.Tensor:

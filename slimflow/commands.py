@@ -27,7 +27,7 @@ def prune_command(
     sampling: str = "random",
     skip_tokens: int = 0,
     seed: int = 0,
-    generated_samples: int = 0,
+    generated_samples: int | None = None,
     method_kwargs: dict | None = None,
     spread: float = 4.0,
     max_layer_ratio: float | None = None,
@@ -63,7 +63,7 @@ def prune_command(
         generated_samples: add this many sequences sampled from the model itself (from its BOS token, seqlen
             tokens each) to the calibration set: recommended where the calibration text is narrow (one book,
             one domain), see docs/results.md; sampling needs the whole model on the device and is not possible
-            with --streaming.
+            with --streaming. Default: 256 with --schedule adaptive (part of its quality setting), else 0.
         method_kwargs: deprecated: method options as a mapping; use `--method.OPTION VALUE`.
         spread: r_max / r_min of the linear and log_increase schedules.
         max_layer_ratio: optional cap on any single layer's ratio.
@@ -87,7 +87,7 @@ def prune_command(
     import torch
 
     from slimflow.algorithms.schedules import ADAPTIVE, SCHEDULES, ScheduleError
-    from slimflow.api import plan
+    from slimflow.api import default_generated_samples, plan
     from slimflow.api import prune as run_prune
     from slimflow.checkpoint import save_pruned
     from slimflow.data.calibration import calibration_ids, check_calibration_options
@@ -110,7 +110,7 @@ def prune_command(
     if batch_size < 1:
         raise InvalidValueError(f"--batch-size must be ≥ 1, got {batch_size}")
     check_calibration_options(num_samples, seqlen, sampling, skip_tokens)
-    if generated_samples < 0:
+    if generated_samples is not None and generated_samples < 0:
         raise InvalidValueError(f"--generated-samples must be ≥ 0, got {generated_samples}")
     if schedule is not None and schedule not in (ADAPTIVE, *SCHEDULES):
         raise ScheduleError(f"unknown schedule {schedule!r}; choose one of {', '.join((ADAPTIVE, *SCHEDULES))}")
@@ -130,10 +130,16 @@ def prune_command(
             raise InvalidValueError(f"--streaming reads a local model directory, but {model!r} is not one: download "
                                     "the model first or pass --streaming false")
         check_streamable(pruner)
+        if pruner.resolve_schedule(schedule) == ADAPTIVE:
+            raise InvalidValueError("--schedule adaptive measures the whole model on the calibration data, which "
+                                    "streaming pruning never holds in memory: pass --schedule log_increase or "
+                                    "--streaming false")
         if generated_samples:
             raise InvalidValueError("--generated-samples samples from the whole model, which streaming pruning never "
                                     "holds in memory: pass --generated-samples 0 or --streaming false")
 
+    if generated_samples is None:
+        generated_samples = default_generated_samples(pruner.resolve_schedule(schedule), stream)
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if stream:

@@ -82,10 +82,16 @@ def test_default_adaptive_records_its_search_and_hits_the_ratio():
     model = tiny_model("qwen2")
     report = slimflow.prune(model, _ids(16, 32), ratio=0.4, schedule="adaptive", progress=False)
     search = report.settings["allocation"]["search"]
-    assert set(search["scores"]) >= {"cost:gradient", "cost:residual", "uniform", "log_increase:4"}
+    assert set(search["scores"]) >= {"cost:gradient", "cost:residual", "uniform", "log_increase:4",
+                                     "blend:uniform", "blend:log_increase:2"}
+    assert search["families"] == ["cost", "fixed", "blend"]
     assert search["chosen"] == min(search["scores"], key=search["scores"].get)
-    assert search["split"] == [12, 4] and search["score"] == "loss"
+    # by default the adaptive schedule adds 256 sequences sampled from the model: 272 rows, 32 prune, 16 score
+    assert (report.settings["num_samples"], report.settings["generated_samples"]) == (16, 256)
+    assert search["split"] == [32, 16] and search["score"] == "loss"
     assert abs(report.realised_fraction - 0.4) <= 0.005
+    fixed = slimflow.prune(tiny_model("qwen2"), _ids(16, 32), ratio=0.4, progress=False)
+    assert fixed.settings["generated_samples"] == 0  # a fixed shape samples nothing unless asked
     # without the search the plan is the cost plan, and nothing is scored
     off = slimflow.prune(tiny_model("qwen2"), _ids(16, 32), ratio=0.4, schedule="adaptive", progress=False,
                          schedule_options={"search": False})
@@ -104,7 +110,8 @@ def test_search_rows_are_disjoint_and_spread_over_the_whole_calibration_set():
 
 
 def test_too_few_sequences_to_hold_out_falls_back_to_the_cost_plan():
-    report = slimflow.prune(tiny_model("llama"), _ids(3, 24), ratio=0.3, schedule="adaptive", progress=False)
+    report = slimflow.prune(tiny_model("llama"), _ids(3, 24), ratio=0.3, schedule="adaptive", progress=False,
+                            generated_samples=0)
     assert "search" not in report.settings["allocation"]
     assert allocation.search_split(3) is None and allocation.search_split(128) == (32, 16)
     assert allocation.search_split(20, 32, 16) == (15, 5)
@@ -115,3 +122,11 @@ def test_too_few_sequences_to_hold_out_falls_back_to_the_cost_plan():
 def test_bad_search_options_fail_before_any_work(options, match):
     with pytest.raises(ScheduleError, match=match):
         slimflow.prune(tiny_model(), _ids(), ratio=0.3, schedule="adaptive", schedule_options=options)
+
+
+def test_the_adaptive_schedule_refuses_a_layer_store_before_any_work():
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="adaptive schedule measures the whole model"):
+        slimflow.prune(model, _ids(8, 16), ratio=0.3, schedule="adaptive", progress=False, layer_store=object())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -130,6 +130,8 @@ ROWS = [
     ("generated-negative", PRUNE + ["--generated-samples", "-3"], "--generated-samples must be ≥ 0, got -3"),
     ("generated-streaming", PRUNE + ["--generated-samples", "4", "--streaming", "true"],
      "pass --generated-samples 0 or --streaming false"),
+    ("adaptive-streaming", PRUNE + ["--schedule", "adaptive", "--streaming", "true"],
+     "pass --schedule log_increase or --streaming false"),
     ("output-exists", PRUNE + ["--output", "foreign"], "already exists: choose another --output or pass --overwrite"),
     ("overwrite-foreign", PRUNE + ["--output", "foreign", "--overwrite"], "--overwrite refuses to replace"),
     # fit (LightningCLI)

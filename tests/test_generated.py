@@ -79,7 +79,7 @@ def test_search_scored_on_sampled_sequences_prunes_with_the_first_calibration_ro
 def test_adaptive_scored_on_generated_text_records_it_and_hits_the_ratio():
     ids = torch.randint(3, 128, (16, 32), generator=torch.Generator().manual_seed(0))
     report = slimflow.prune(tiny_model("qwen2"), ids, ratio=0.4, schedule="adaptive", progress=False,
-                            schedule_options={"score_on": "generated", "holdout": 4})
+                            schedule_options={"score_on": "generated", "holdout": 4}, generated_samples=0)
     search = report.settings["allocation"]["search"]
     assert search["score_on"] == "generated" and search["split"] == [16, 4]
     assert search["chosen"] == min(search["scores"], key=search["scores"].get)

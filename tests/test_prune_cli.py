@@ -64,6 +64,14 @@ def test_generated_samples_from_the_command_line_prune_like_the_api(workdir):
         assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5), name
 
 
+def test_the_adaptive_schedule_samples_256_sequences_by_default(workdir):
+    run(workdir, "--ratio", "0.25", "--schedule", "adaptive", "--device", "cpu", output="adaptive")
+    info = json.loads((workdir / "adaptive" / "pruning.json").read_text())
+    assert (info["settings"]["num_samples"], info["settings"]["generated_samples"]) == (8, 256)
+    assert info["calibration"]["generated_samples"] == 256
+    assert info["settings"]["allocation"]["search"]["split"] == [32, 16]
+
+
 # More bad inputs, across all subcommands, are in tests/test_cli_errors.py.
 @pytest.mark.parametrize(
     "extra,match",

@@ -66,11 +66,12 @@ class Calibration(SlimflowCallback):
         skip_tokens: tokens skipped at the start of the text (keep clear of an evaluation prefix).
         generated_samples: add this many sequences sampled from the model itself (seeded by `seed`) to the
             drawn ones, at each prune: recommended where the calibration text is narrow (docs/results.md).
+            Default: 256 when `StructuredPruning` uses the adaptive schedule, else 0.
     """
 
     def __init__(self, source: str = "c4", num_samples: int = 128, seqlen: int = 2048, seed: int = 0,
-                 skip_tokens: int = 0, generated_samples: int = 0):
-        if generated_samples < 0:
+                 skip_tokens: int = 0, generated_samples: int | None = None):
+        if generated_samples is not None and generated_samples < 0:
             raise InvalidValueError(f"Calibration generated_samples must be ≥ 0, got {generated_samples}")
         self.data = CalibrationData(source, None, num_samples, seqlen, seed, skip_tokens)
         self.generated_samples = generated_samples
@@ -241,7 +242,7 @@ class StructuredPruning(SlimflowCallback):
     # ------------------------------------------------------------------------------------------- pruning
     def prune(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Run the next stage: notify, calibrate, prune in place, record, write the report, notify."""
-        from slimflow.api import prune
+        from slimflow.api import default_generated_samples, prune
         from slimflow.surgery import count_parameters, layer_widths
 
         k = self.stage
@@ -254,8 +255,10 @@ class StructuredPruning(SlimflowCallback):
             self.dense_widths = [list(w.to_dict().values()) for w in layer_widths(model)]
         calibrate = slimflow_callbacks(trainer, Calibration)[0]
         stage = f"stage {k + 1}/{len(self.ratios)}: " if len(self.ratios) > 1 else ""
+        count = calibrate.generated_samples
+        if count is None:
+            count = default_generated_samples(self.schedule.kwargs().get("schedule"))
         if self.progress:
-            count = calibrate.generated_samples
             sampled = f" (+ {count} sampled from the model)" if count else ""
             say(trainer, f"{stage}drawing {calibrate.data.num_samples} x {calibrate.data.seqlen} calibration tokens "
                          f"from {calibrate.data.source}{sampled}")
@@ -267,7 +270,7 @@ class StructuredPruning(SlimflowCallback):
         with torch.no_grad():
             report = prune(model, calibration, ratio=self.ratios[k], method=self._method_spec,
                            reference_params=self.dense_params, batch_size=self.batch_size, device=self._device(trainer),
-                           progress=bars, generated_samples=calibrate.generated_samples, seed=calibrate.data.seed,
+                           progress=bars, generated_samples=count, seed=calibrate.data.seed,
                            **self.schedule.kwargs())
         self.stage = k + 1
         self.widths = [list(w.to_dict().values()) for w in report.widths]
