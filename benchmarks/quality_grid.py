@@ -363,7 +363,7 @@ def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", bu
                                     progress=False, schedule_options=cell["options"] or None, batch_size=16,
                                     spread=cell["spread"], correct_drift=cell["drift"],
                                     **({"generated_samples": cell["generated"], "seed": cell["seed"]}
-                                       if via_api else {}))
+                                       if via_api else {"generated_samples": 0}))  # sampled rows are in `calibration`
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             row["prune_s"] = round(time.perf_counter() - t, 2)

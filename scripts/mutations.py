@@ -82,6 +82,15 @@ MUTATIONS = [
     ("drift correction without the dense hidden states' propagation", "slimflow/pipeline.py",
      "                inputs.dense[start:stop] = out[0] if isinstance(out, tuple) else out",
      "                pass", ["tests/test_drift.py"]),
+    ("blend keeps the first plan's head units", "slimflow/allocation.py",
+     "units = min(max_units, int((pa.remove_units + pb.remove_units + 1) // 2))",
+     "units = min(max_units, pa.remove_units)", ["tests/test_candidate_plans.py"]),
+    ("split takes the most expensive heads/channels pair", "slimflow/allocation.py",
+     "s_attn * h.costs[units] + s_ffn * _interpolated(c, ch), units)",
+     "-(s_attn * h.costs[units] + s_ffn * _interpolated(c, ch)), units)", ["tests/test_candidate_plans.py"]),
+    ("adaptive samples nothing by default", "slimflow/api.py",
+     "return ADAPTIVE_SAMPLES if schedule == ADAPTIVE and not streaming else 0",
+     "return 0", ["tests/test_allocation_search.py"]),
 ]
 
 
