@@ -218,7 +218,8 @@ def prune(
             its BOS token, `seqlen` tokens each, `seed`) to the calibration set, after the given ones: text that
             follows the model's own distribution instead of one corpus (docs/engine.md, "Sampled calibration
             sequences"). Needs the whole model on `device` while sampling; not with `layer_store`. None
-            (default): `ADAPTIVE_SAMPLES` (256) with the adaptive schedule (part of its quality setting), else 0.
+            (default): with the adaptive schedule 256 sequences (fewer beyond 512 tokens: 256 × 512 tokens in
+            all, `default_generated_samples`), part of its quality setting; else 0.
         seed: seed of the sampled sequences.
     """
     start = time.perf_counter()
@@ -241,7 +242,7 @@ def prune(
     if schedule == ADAPTIVE and layer_store is not None:
         raise ValueError("the adaptive schedule measures the whole model on the calibration data, which a "
                          "layer_store (streaming) never holds: use a fixed schedule such as log_increase")
-    generated_samples = default_generated_samples(schedule, layer_store is not None) \
+    generated_samples = default_generated_samples(schedule, layer_store is not None, calibration.shape[1]) \
         if generated_samples is None else generated_samples
     if calibration.shape[0] + generated_samples < 1:
         raise ValueError("calibration has no sequences and no sampled sequences were asked for: pass calibration "
@@ -291,13 +292,18 @@ def prune(
                        time.perf_counter() - start, times.as_dict())
 
 
-ADAPTIVE_SAMPLES = 256  # sequences the adaptive schedule samples from the model by default (docs/results.md)
+ADAPTIVE_SAMPLES = 256  # sequences of up to 512 tokens the adaptive schedule samples by default (docs/results.md)
+ADAPTIVE_SAMPLED_TOKENS = ADAPTIVE_SAMPLES * 512
 
 
-def default_generated_samples(schedule: str | None, streaming: bool = False) -> int:
-    """What `generated_samples=None` means: `ADAPTIVE_SAMPLES` with the adaptive schedule (streaming pruning
-    cannot sample: 0 there), else 0."""
-    return ADAPTIVE_SAMPLES if schedule == ADAPTIVE and not streaming else 0
+def default_generated_samples(schedule: str | None, streaming: bool = False, seqlen: int = 512) -> int:
+    """What `generated_samples=None` means: with the adaptive schedule `ADAPTIVE_SAMPLES` sequences, fewer for
+    sequences longer than 512 tokens so that the sampled tokens (and the sampling time, one model step per token
+    per batch of 64) stay at 256 × 512 — 64 sequences of 2048 tokens; 0 for streaming pruning, which cannot
+    sample, and for every other schedule."""
+    if schedule != ADAPTIVE or streaming:
+        return 0
+    return max(1, min(ADAPTIVE_SAMPLES, ADAPTIVE_SAMPLED_TOKENS // max(seqlen, 1)))
 
 
 def _with_sampled(model, calibration, count, seed, device, dp, layer_store, progress, times) -> torch.Tensor:

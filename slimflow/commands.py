@@ -63,7 +63,8 @@ def prune_command(
         generated_samples: add this many sequences sampled from the model itself (from its BOS token, seqlen
             tokens each) to the calibration set: recommended where the calibration text is narrow (one book,
             one domain), see docs/results.md; sampling needs the whole model on the device and is not possible
-            with --streaming. Default: 256 with --schedule adaptive (part of its quality setting), else 0.
+            with --streaming. Default: with --schedule adaptive 256 (fewer beyond 512 tokens: 256 × 512 tokens
+            in all, e.g. 64 at --seqlen 2048), part of its quality setting; else 0.
         method_kwargs: deprecated: method options as a mapping; use `--method.OPTION VALUE`.
         spread: r_max / r_min of the linear and log_increase schedules.
         max_layer_ratio: optional cap on any single layer's ratio.
@@ -139,7 +140,7 @@ def prune_command(
                                     "holds in memory: pass --generated-samples 0 or --streaming false")
 
     if generated_samples is None:
-        generated_samples = default_generated_samples(pruner.resolve_schedule(schedule), stream)
+        generated_samples = default_generated_samples(pruner.resolve_schedule(schedule), stream, seqlen)
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if stream:

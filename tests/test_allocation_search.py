@@ -130,3 +130,12 @@ def test_the_adaptive_schedule_refuses_a_layer_store_before_any_work():
     with pytest.raises(ValueError, match="adaptive schedule measures the whole model"):
         slimflow.prune(model, _ids(8, 16), ratio=0.3, schedule="adaptive", progress=False, layer_store=object())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_the_default_sampled_count_keeps_256_by_512_tokens():
+    from slimflow.api import default_generated_samples
+
+    assert [default_generated_samples("adaptive", seqlen=n) for n in (32, 512, 1024, 2048, 4096)] == [256, 256, 128,
+                                                                                                      64, 32]
+    assert default_generated_samples("adaptive", streaming=True, seqlen=512) == 0
+    assert default_generated_samples("log_increase", seqlen=512) == default_generated_samples(None) == 0

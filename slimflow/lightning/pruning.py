@@ -66,7 +66,8 @@ class Calibration(SlimflowCallback):
         skip_tokens: tokens skipped at the start of the text (keep clear of an evaluation prefix).
         generated_samples: add this many sequences sampled from the model itself (seeded by `seed`) to the
             drawn ones, at each prune: recommended where the calibration text is narrow (docs/results.md).
-            Default: 256 when `StructuredPruning` uses the adaptive schedule, else 0.
+            Default: 256 (fewer beyond 512 tokens: 256 × 512 tokens in all) when `StructuredPruning` uses
+            the adaptive schedule, else 0.
     """
 
     def __init__(self, source: str = "c4", num_samples: int = 128, seqlen: int = 2048, seed: int = 0,
@@ -257,7 +258,7 @@ class StructuredPruning(SlimflowCallback):
         stage = f"stage {k + 1}/{len(self.ratios)}: " if len(self.ratios) > 1 else ""
         count = calibrate.generated_samples
         if count is None:
-            count = default_generated_samples(self.schedule.kwargs().get("schedule"))
+            count = default_generated_samples(self.schedule.kwargs().get("schedule"), seqlen=calibrate.data.seqlen)
         if self.progress:
             sampled = f" (+ {count} sampled from the model)" if count else ""
             say(trainer, f"{stage}drawing {calibrate.data.num_samples} x {calibrate.data.seqlen} calibration tokens "
