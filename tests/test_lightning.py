@@ -168,6 +168,18 @@ def test_pruning_progress_bars_follow_the_trainer(assets, tmp_path, capsys):
     assert "pruning layers" in printed.err and "slimflow: pruned in" in printed.out
 
 
+def test_the_adaptive_schedule_samples_from_the_model_by_default(assets, tmp_path):
+    callbacks = [StructuredPruning(ratio=0.2, schedule=RatioSchedule("adaptive", options={"search": False}),
+                                   model_attr="net"),
+                 Calibration(source=assets["text"], num_samples=8, seqlen=32)]
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_epochs=1, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=callbacks)
+    trainer.fit(UserModule(assets["model"]), train_dataloaders=user_batches(assets["model"]))
+    settings = callbacks[0].last_report["settings"]
+    assert (settings["num_samples"], settings["generated_samples"]) == (8, 256)
+
+
 def test_lora_only_without_pruning(assets, tmp_path):
     """LoRARecovery alone (no StructuredPruning) injects in setup and merges at the end."""
     module = UserModule(assets["model"])
