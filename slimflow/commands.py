@@ -70,7 +70,8 @@ def prune_command(
         max_layer_ratio: optional cap on any single layer's ratio.
         channel_multiple: keep each FFN width a multiple of this (default: 64 for FFNs of 4096+ channels, else 1).
         schedule_options: options of the adaptive schedule: search (default true), search_samples (32), holdout
-            (16), score (loss or kl), normalize (gradient, residual, none), points (64); e.g. '{"search": false}'.
+            (16), score (loss or kl), normalize (gradient, residual, none), points (64), families (candidate
+            plans: cost, fixed, blend by default; split); e.g. '{"search": false}'.
         batch_size: calibration sequences per forward pass.
         device: where layers are processed: auto (CUDA if present), cpu, cuda, cuda:1, ...
         dtype: dtype used while pruning: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16.

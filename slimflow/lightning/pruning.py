@@ -36,9 +36,10 @@ class RatioSchedule:
         channel_multiple: keep FFN widths a multiple of this; null: 64 for FFNs of 4096+ channels (fast GPU
             shapes), else 1.
         options: options of the adaptive schedule (docs/engine.md): `search` (default true: also score the cost
-            plans and the fixed shapes on held-out calibration sequences and keep the best), `search_samples`
-            (32), `holdout` (16), `score` (`loss` or `kl`), `normalize` (`gradient`, `residual`, `none`),
-            `points` (64); e.g. `{"search": false}`.
+            plans, the fixed shapes and their blends on held-out calibration sequences and keep the best),
+            `search_samples` (32), `holdout` (16), `score` (`loss` or `kl`), `normalize` (`gradient`,
+            `residual`, `none`), `points` (64), `families` (`[cost, fixed, blend]`; also `split`); e.g.
+            `{"search": false}`.
     """
 
     name: Literal["adaptive", "uniform", "linear", "log_increase"] = "log_increase"
