@@ -26,6 +26,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--method", default="slimgpt")
+    ap.add_argument("--schedule", default=None, help="per-layer widths (default: the method's; adaptive samples "
+                    "256 x 512 tokens from the model by default)")
     ap.add_argument("--channel-multiple", type=int, default=1)
     ap.add_argument("--home", default="cpu", help="where the model lives (cpu: one layer at a time on the GPU)")
     ap.add_argument("--out")
@@ -44,7 +46,8 @@ def main() -> None:
         build_s = time.perf_counter() - t
         peak_reset()
         report = slimflow.prune(model, calib, ratio=ratio, method=args.method, device="cuda" if cuda else "cpu",
-                                batch_size=args.batch_size, channel_multiple=args.channel_multiple, progress=False)
+                                batch_size=args.batch_size, channel_multiple=args.channel_multiple, progress=False,
+                                schedule=args.schedule)
         run = {
             "ratio": ratio, "build_s": round(build_s, 1), "wall_s": round(report.wall_time, 2),
             "phases_s": report.phase_times, "peak_gpu_gib": peak_gib(),
@@ -54,7 +57,11 @@ def main() -> None:
             "heads": [w.num_attention_heads for w in report.widths],
             "channels": [w.intermediate_size for w in report.widths],
             "damping_added_max": max(r.damping_added for r in report.layers),
+            "generated_samples": report.settings["generated_samples"],
+            "search": {k: v for k, v in report.settings.get("allocation", {}).get("search", {}).items()
+                       if k in ("chosen", "scores")},
         }
+        print(run, flush=True)
         if cuda:
             run["floor"] = pruning_floor(args.shape, args.samples * args.seqlen, args.seqlen, ratio,
                                          out["bf16_tflops"], out["fp32_tflops"])
