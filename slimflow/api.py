@@ -224,7 +224,7 @@ def prune(
     """
     start = time.perf_counter()
     adapter = get_adapter(model)
-    if calibration.dim() != 2 or calibration.shape[0] + (generated_samples or 0) < 1:
+    if calibration.dim() != 2 or calibration.shape[0] + max(generated_samples or 0, 0) < 1:
         raise ValueError(f"calibration must be a [num_samples, seqlen] tensor of token ids, got {tuple(calibration.shape)}")
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos and calibration.shape[1] > max_pos:
@@ -244,6 +244,8 @@ def prune(
                          "layer_store (streaming) never holds: use a fixed schedule such as log_increase")
     generated_samples = default_generated_samples(schedule, layer_store is not None, calibration.shape[1]) \
         if generated_samples is None else generated_samples
+    if generated_samples < 0:
+        raise ValueError(f"generated_samples must be ≥ 0, got {generated_samples}")
     if calibration.shape[0] + generated_samples < 1:
         raise ValueError("calibration has no sequences and no sampled sequences were asked for: pass calibration "
                          "text or generated_samples > 0")
@@ -311,8 +313,6 @@ def _with_sampled(model, calibration, count, seed, device, dp, layer_store, prog
     gets its sequences)."""
     from slimflow.data.generated import sample_sequences
 
-    if count < 0:
-        raise ValueError(f"generated_samples must be ≥ 0, got {count}")
     if layer_store is not None:
         raise ValueError("generated_samples needs the whole model in memory to sample from it; streaming pruning "
                          "cannot: set generated_samples to 0")

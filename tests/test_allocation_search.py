@@ -139,3 +139,10 @@ def test_the_default_sampled_count_keeps_256_by_512_tokens():
                                                                                                       64, 32]
     assert default_generated_samples("adaptive", streaming=True, seqlen=512) == 0
     assert default_generated_samples("log_increase", seqlen=512) == default_generated_samples(None) == 0
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+def test_a_negative_sampled_count_is_refused_before_any_work(rows):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="generated_samples must be ≥ 0, got -3"):
+        slimflow.prune(model, _ids(rows, 16), ratio=0.3, progress=False, generated_samples=-3)
