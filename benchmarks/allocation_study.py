@@ -165,13 +165,14 @@ def run(*, data: str, books: str, out: str, models: dict[str, str], ratios: list
         t = time.perf_counter()
         shapes = layer_shapes(model, adapter)
         target = cell["ratio"] * base["params"]
-        gradients = allocation.residual_gradient_energy(model, adapter, calibration, 16)
-        heads, channels, energies = allocation.measure_cost_curves(model, adapter, calibration, shapes, 1, None, dev,
+        train_rows, held_rows = allocation.search_rows(calibration.shape[0])
+        measured = calibration[[r for r in range(calibration.shape[0]) if r not in set(held_rows)]]  # as the engine
+        gradients = allocation.residual_gradient_energy(model, adapter, measured, 16)
+        heads, channels, energies = allocation.measure_cost_curves(model, adapter, measured, shapes, 1, None, dev,
                                                                    16, progress=False)
         fixed = _fixed_shape_plans(model, cell["ratio"], base["params"], None, 1)
         candidates = allocation.candidate_plans(heads, channels, energies, gradients, shapes, target, "gradient",
                                                 fixed, 1, None, allocation.ALL_FAMILIES)
-        train_rows, held_rows = allocation.search_rows(calibration.shape[0])
         row = dict(cell, curves_s=round(time.perf_counter() - t, 2), candidates={})
         for name, plans in candidates.items():
             trial = copy.deepcopy(model)

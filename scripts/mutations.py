@@ -89,8 +89,10 @@ MUTATIONS = [
      "s_attn * h.costs[units] + s_ffn * _interpolated(c, ch), units)",
      "-(s_attn * h.costs[units] + s_ffn * _interpolated(c, ch)), units)", ["tests/test_candidate_plans.py"]),
     ("adaptive samples nothing by default", "slimflow/api.py",
-     "return ADAPTIVE_SAMPLES if schedule == ADAPTIVE and not streaming else 0",
+     "return max(1, min(ADAPTIVE_SAMPLES, ADAPTIVE_SAMPLED_TOKENS // max(seqlen, 1)))",
      "return 0", ["tests/test_allocation_search.py"]),
+    ("the search's scoring rows inform the cost plans", "slimflow/allocation.py",
+     "    if searching and not generated:", "    if False:", ["tests/test_allocation_search.py"]),
 ]
 
 

@@ -399,20 +399,26 @@ def adaptive_plan(model: nn.Module, adapter: ModelAdapter, calibration: torch.Te
 
     With `search` (default) the plans of `families` (`candidate_plans`: by default those from the measured costs,
     both normalisations, and `fixed_plans`, the fixed shapes at the same budget) are candidates, and
-    `search_plans` keeps the one that scores best on held-out
-    calibration sequences; without it (or without a method to prune the candidates with) the cost plan of
-    `normalize` is the answer."""
+    `search_plans` keeps the one that scores best on held-out calibration sequences. Those rows inform no
+    candidate: the cost curves and gradient energies are measured without them. Without the search (or without a
+    method to prune the candidates with) the cost plan of `normalize`, measured on every row, is the answer."""
     t = time.perf_counter()
-    want_gradients = normalize == "gradient" or (search and method is not None)
-    gradients = residual_gradient_energy(model, adapter, calibration, batch_size) if want_gradients else None
-    heads, channels, energies = measure_cost_curves(model, adapter, calibration, shapes, channel_multiple, max_ratio,
+    generated = score_on == "generated"
+    searching = search and method is not None and search_split(calibration.shape[0], search_samples, holdout,
+                                                               generated) is not None
+    measured = calibration
+    if searching and not generated:  # the rows that score the candidates inform none of them, cost plans included
+        held = set(search_rows(calibration.shape[0], search_samples, holdout)[1])
+        measured = calibration[[r for r in range(calibration.shape[0]) if r not in held]]
+    want_gradients = normalize == "gradient" or searching
+    gradients = residual_gradient_energy(model, adapter, measured, batch_size) if want_gradients else None
+    heads, channels, energies = measure_cost_curves(model, adapter, measured, shapes, channel_multiple, max_ratio,
                                                     device, batch_size, damp, points, exact_head_score, progress)
     plans = allocate(heads, channels, energies, shapes, target_params, normalize, gradients)
     info = {"normalize": normalize, "residual_energy": energies, "gradient_energy": gradients,
             "head_curves": [h.costs for h in heads], "channel_counts": [c.counts for c in channels],
             "channel_curves": [c.costs for c in channels]}
-    generated = score_on == "generated"
-    if search and method is not None and search_split(calibration.shape[0], search_samples, holdout, generated):
+    if searching:
         candidates = candidate_plans(heads, channels, energies, gradients, shapes, target_params, normalize,
                                      fixed_plans or {}, channel_multiple, max_ratio, families, plans)
         candidates = candidates or {f"cost:{normalize}": plans}  # no fixed shape fits the floors

@@ -98,6 +98,29 @@ def test_default_adaptive_records_its_search_and_hits_the_ratio():
     assert "search" not in off.settings["allocation"]
 
 
+def test_the_rows_that_score_the_search_inform_no_candidate():
+    ids = _ids(16, 32)
+    _, held = allocation.search_rows(16)
+    assert held == [2, 6, 10, 14]
+
+    def run(calibration):
+        report = slimflow.prune(tiny_model("llama_gqa"), calibration, ratio=0.4, schedule="adaptive",
+                                generated_samples=0, progress=False)
+        return report.settings["allocation"]
+
+    base = run(ids)
+    other = ids.clone()
+    other[held] = _ids(4, 32, seed=7)
+    changed = run(other)
+    # the cost curves behind the cost and blend plans do not see the scoring rows, which still score
+    for key in ("head_curves", "channel_curves", "residual_energy", "gradient_energy"):
+        assert changed[key] == base[key], key
+    assert changed["search"]["scores"] != base["search"]["scores"]
+    pruning = other.clone()  # a row that prunes the candidates does move the curves
+    pruning[3] = _ids(1, 32, seed=8)[0]
+    assert run(pruning)["channel_curves"] != base["channel_curves"]
+
+
 def test_search_rows_are_disjoint_and_spread_over_the_whole_calibration_set():
     for n, search, hold in ((128, 32, 16), (256, 32, 16), (20, 32, 16), (9, 4, 2)):
         train, held = allocation.search_rows(n, search, hold)
