@@ -209,6 +209,27 @@ def final_cells(models: list[str], reference: str = "ref-llama-27m") -> list[dic
     return _defaults(out)
 
 
+def defaults_cells(models: list[str], reference: str = "ref-llama-27m") -> list[dict]:
+    """The default adaptive run (256 sampled sequences added) against uniform and log_increase with the same
+    sequences, seeds 0-2 of both samplings; then, seed 0 only, the calibration text alone."""
+    sampled = (("uniform", 1.0), ("log_increase", 2.0), ("log_increase", 4.0), ("adaptive", 4.0))
+    plain = (("uniform", 1.0), ("log_increase", 4.0), ("adaptive", 4.0))
+    out = []
+    for seed in (0, 1, 2):
+        for model in models:
+            for ratio in (0.2, 0.5):
+                for sampling in ("tail", "random"):
+                    base = dict(group="main" if seed == 0 else "seeds", model=model, ratio=ratio,
+                                sampling=sampling, seed=seed)
+                    out += [base | dict(schedule=s, spread=k, generated=256) for s, k in sampled]
+    for model in models:
+        for ratio in (0.2, 0.5):
+            for sampling in ("tail", "random"):
+                base = dict(group="plain", model=model, ratio=ratio, sampling=sampling, seed=0)
+                out += [base | dict(schedule=s, spread=k) for s, k in plain]
+    return _defaults(out)
+
+
 def _defaults(out: list[dict]) -> list[dict]:
     for c in out:
         if c["schedule"] in VARIANTS:
@@ -292,7 +313,7 @@ def _perplexity(model, ids: torch.Tensor, windows: int, device) -> float:
 def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", budget_s: float = 1e9,
         windows: int = WINDOWS, groups: list[str] | None = None, reference: str = "ref-llama-27m",
         gqa: str | None = None, plan: str = "default", ratios: list[float] | None = None,
-        write_markdown: bool = True) -> list[dict]:
+        seeds: list[int] | None = None, write_markdown: bool = True) -> list[dict]:
     """Run the grid; `models` maps a short name to a model directory.
 
     Args:
@@ -307,8 +328,10 @@ def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", bu
         gqa: name of the GQA model for the 65% stress cells (70% is beyond its floors).
         plan: `default` (schedules, seeds, ablations), `drift` (drift correction against none) or `search` (the
             adaptive schedule with its search against the fixed shapes), `generated` / `generated2` / `final`
-            (sequences sampled from the model added to the calibration set).
+            (sequences sampled from the model added to the calibration set), `defaults` (the default adaptive
+            run against the fixed shapes, seeds 0-2).
         ratios: run only the cells of these ratios (default all).
+        seeds: run only the cells of these seeds (default all).
         write_markdown: also write grid.md beside grid.json (off where a transfer counts files).
     """
     from safetensors.torch import load_file
@@ -338,11 +361,11 @@ def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", bu
               "torch": torch.__version__, "windows": windows, "window": WINDOW,
               "dense": {k: {"ppl": v["ppl"], "params": v["params"]} for k, v in dense.items()}}
     planned = {"drift": drift_cells, "search": search_cells, "generated": generated_cells,
-               "generated2": generated2_cells, "final": final_cells}[plan](
+               "generated2": generated2_cells, "final": final_cells, "defaults": defaults_cells}[plan](
         list(dense), reference) if plan != "default" \
         else cells(list(dense), reference, gqa)
     todo = [c for c in planned if c["model"] in dense and (groups is None or c["group"] in groups)
-            and (ratios is None or c["ratio"] in ratios)]
+            and (ratios is None or c["ratio"] in ratios) and (seeds is None or c["seed"] in seeds)]
     sampled: dict = {}
     for i, cell in enumerate(todo):
         if time.perf_counter() - started > budget_s:
@@ -386,6 +409,21 @@ def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", bu
         print(json.dumps({k: v for k, v in row.items() if k != "widths"}), flush=True)
         _write(outdir, header, rows, time.perf_counter() - started, write_markdown)
     return rows
+
+
+def merge(*, out: str, grids: str, prefix: str) -> None:
+    """One file from the `grid.json` of every grid under `grids` whose folder name starts with `prefix`: the
+    first one's header (each grid's dense perplexity and elapsed time kept under `parts`), every row."""
+    parts = sorted(p for p in Path(grids).glob(f"{prefix}*/grid.json"))
+    if not parts:
+        print(f"no grid under {grids} starts with {prefix}")
+        return
+    loaded = [json.loads(p.read_text()) for p in parts]
+    merged = {k: v for k, v in loaded[0].items() if k not in ("rows", "elapsed_s")}
+    merged["parts"] = {p.parent.name: {"dense": d["dense"], "elapsed_s": d["elapsed_s"], "rows": len(d["rows"])}
+                       for p, d in zip(parts, loaded)}
+    merged["rows"] = [r for d in loaded for r in d["rows"]]
+    Path(out).write_text(json.dumps(merged, indent=1))
 
 
 def _write(outdir: Path, header: dict, rows: list[dict], elapsed: float, write_markdown: bool = True) -> None:
