@@ -303,6 +303,15 @@ def _calibration(cell: dict, tensors: dict, dense: dict, sampled: dict, dev, pla
     return torch.cat(parts) if parts else torch.empty(0, cell["seqlen"], dtype=torch.long)
 
 
+def _book_ppl(model, val: dict, device) -> dict:
+    """Perplexity on the validation books, every book weighed alike, at 128 and 512 tokens of context."""
+    from benchmarks.allocation_study import book_summary, geo_ppl, sequence_losses
+
+    return {f"books{c}": geo_ppl(book_summary(sequence_losses(model, val["windows"], device,
+                                                              context=None if c == 512 else c), val["book"]))
+            for c in (128, 512)}
+
+
 def _perplexity(model, ids: torch.Tensor, windows: int, device) -> float:
     from slimflow.evaluation.perplexity import perplexity_of_ids
 
@@ -313,7 +322,7 @@ def _perplexity(model, ids: torch.Tensor, windows: int, device) -> float:
 def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", budget_s: float = 1e9,
         windows: int = WINDOWS, groups: list[str] | None = None, reference: str = "ref-llama-27m",
         gqa: str | None = None, plan: str = "default", ratios: list[float] | None = None,
-        seeds: list[int] | None = None, write_markdown: bool = True) -> list[dict]:
+        seeds: list[int] | None = None, books: str | None = None, write_markdown: bool = True) -> list[dict]:
     """Run the grid; `models` maps a short name to a model directory.
 
     Args:
@@ -332,6 +341,8 @@ def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", bu
             run against the fixed shapes, seeds 0-2).
         ratios: run only the cells of these ratios (default all).
         seeds: run only the cells of these seeds (default all).
+        books: validation windows per book (`allocation_study prepare`); each row then also records the perplexity
+            on them, every book weighed alike, with 128 and 512 tokens of context (`books128`, `books512`).
         write_markdown: also write grid.md beside grid.json (off where a transfer counts files).
     """
     from safetensors.torch import load_file
@@ -348,6 +359,7 @@ def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", bu
     holdout = tensors.pop("holdout", None)
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
+    val = {k: v.long() for k, v in load_file(books).items()} if books else None
     dense, rows = {}, []
     for name, path in models.items():
         if not Path(path).is_dir():
@@ -356,10 +368,13 @@ def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", bu
         model = load_model(path, dtype="float32", device="cpu").to(dev).eval()
         dense[name] = {"model": model, "ppl": _perplexity(model, eval_ids, windows, dev), "path": path,
                        "params": sum(p.numel() for p in model.parameters())}
+        if val is not None:
+            dense[name] |= _book_ppl(model, val, dev)
         print(f"{name}: dense ppl {dense[name]['ppl']:.2f}, {dense[name]['params']:,} parameters", flush=True)
     header = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "windows": windows, "window": WINDOW,
-              "dense": {k: {"ppl": v["ppl"], "params": v["params"]} for k, v in dense.items()}}
+              "dense": {k: {x: v[x] for x in ("ppl", "params", "books128", "books512") if x in v}
+                        for k, v in dense.items()}}
     planned = {"drift": drift_cells, "search": search_cells, "generated": generated_cells,
                "generated2": generated2_cells, "final": final_cells, "defaults": defaults_cells}[plan](
         list(dense), reference) if plan != "default" \
@@ -393,6 +408,8 @@ def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", bu
             row["removed"] = round(report.realised_fraction, 5)
             row["ppl"] = _perplexity(model, eval_ids, windows, dev)
             row["x_dense"] = row["ppl"] / dense[cell["model"]]["ppl"]
+            if val is not None:
+                row |= _book_ppl(model, val, dev)
             if holdout is not None:
                 from slimflow.evaluation.perplexity import perplexity_of_ids
                 row["holdout_ppl"] = perplexity_of_ids(model, holdout.reshape(-1), 512, batch_size=32,
