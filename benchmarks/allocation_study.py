@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.quality_grid import CORPUS, SKIP, WINDOW, WINDOWS, _calibration, _defaults, _perplexity
+from benchmarks.quality_grid import CORPUS, SKIP, WINDOW, WINDOWS, _calibration, _defaults, _perplexity, open_grid_data
 
 RANDOM_END = SKIP + 4 * 128 * 512  # `random` calibration draws its windows from tokens [SKIP, RANDOM_END)
 TAIL = 128 * 512 + 1
@@ -132,10 +132,7 @@ def run(*, data: str, books: str, out: str, models: dict[str, str], ratios: list
     from slimflow.surgery import count_parameters
 
     started = time.perf_counter()
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    torch.backends.cuda.matmul.allow_tf32 = False
-    tensors = {k: v.long() for k, v in load_file(data).items()}
+    dev, tensors = open_grid_data(data, device)
     eval_ids = tensors.pop("eval")
     tensors.pop("holdout", None)
     val = {k: v.long() for k, v in load_file(books).items()}

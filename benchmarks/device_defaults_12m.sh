@@ -1,32 +1,25 @@
 #!/usr/bin/env bash
 # One device call: the default adaptive run against the fixed shapes on the two 12M reference models, seeds 0-2
 # (quality_grid plan `defaults`), every row also measured on the validation books of part-007. The models are
-# pretrained here first (exact step counts of docs/reference_models.md); then four processes per model (ratio ×
-# seed 0 / seeds 1-2). The rows come back merged, one JSON file per model, and the logs in one archive.
+# pretrained here first; then four processes per model (ratio × seed 0 / seeds 1-2). The rows come back merged,
+# one JSON file per model, and the logs in one archive.
 # Expects .carry/tok, .carry/corpus (xz parts 000-006), .carry/grid_data.safetensors, .carry/books.safetensors.
-set -uo pipefail
-OUT=${OUT:?}
-export PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=true PYTHONUNBUFFERED=1
-mkdir -p runs/grids runs/tok
-python3 -c "from benchmarks.carry_pack import corpus_to_gzip; corpus_to_gzip(packed='.carry/corpus', out='runs/corpus')"
-cp .carry/tok/* runs/tok/
+source benchmarks/device_lib.sh
+mkdir -p runs/grids
+unpack_corpus
 grid() {  # name models ratios seeds budget
   python3 -c "from benchmarks.quality_grid import run; run(data='.carry/grid_data.safetensors', books='.carry/books.safetensors', out='runs/grids/$1', models=$2, plan='defaults', ratios=$3, seeds=$4, budget_s=$5, write_markdown=False)" > runs/grids/$1.log 2>&1
 }
-python3 -c "from benchmarks.pretrain_reference import tokenize; tokenize(out='runs/tokens', corpus='runs/corpus', tokenizer='runs/tok')" > runs/grids/tokenize.log 2>&1
-train() {  # preset steps
-  python3 -c "from benchmarks.pretrain_reference import train; train(preset='$1', out='runs/refmodels', tokens='runs/tokens', steps=$2, tokenizer='runs/tok')" > runs/grids/train_$1.log 2>&1
-}
+tokenize_corpus runs/tok runs/grids
 twelve() {  # preset steps name
-  train $1 $2 && { for r in 0.2 0.5; do
-                     grid $3_${r}_s0 "{'$1': 'runs/refmodels/$1'}" "[$r]" "[0]" ${B12:-200} &
-                     grid $3_${r}_s12 "{'$1': 'runs/refmodels/$1'}" "[$r]" "[1, 2]" ${B12:-200} &
-                   done; wait; }
+  train_ref $1 $2 runs/tok runs/grids && {
+    for r in 0.2 0.5; do
+      grid $3_${r}_s0 "{'$1': 'runs/refmodels/$1'}" "[$r]" "[0]" ${B12:-200} &
+      grid $3_${r}_s12 "{'$1': 'runs/refmodels/$1'}" "[$r]" "[1, 2]" ${B12:-200} &
+    done; wait; }
 }
-twelve ref-llama-gqa-12m 2066 gqa &
-twelve ref-qwen2-12m 1781 qwen2 &
+twelve ref-llama-gqa-12m $STEPS_GQA gqa &
+twelve ref-qwen2-12m $STEPS_QWEN2 qwen2 &
 wait
 python3 -c "from benchmarks.quality_grid import merge; merge(out='$OUT/defaults12_gqa.json', grids='runs/grids', prefix='gqa_'); merge(out='$OUT/defaults12_qwen2.json', grids='runs/grids', prefix='qwen2_')"
-for f in runs/grids/*.log; do echo "== $f $(grep -c '"ppl"' $f)"; grep -v '"ppl"' $f | tail -n 2; done
-tar czf $OUT/logs.tar.gz runs/grids/*.log
-ls -l $OUT
+report_grids runs/grids

@@ -303,6 +303,16 @@ def _calibration(cell: dict, tensors: dict, dense: dict, sampled: dict, dev, pla
     return torch.cat(parts) if parts else torch.empty(0, cell["seqlen"], dtype=torch.long)
 
 
+def open_grid_data(data: str, device: str = "auto") -> tuple[torch.device, dict[str, torch.Tensor]]:
+    """The device the grid runs on (auto: CUDA if present; TF32 off) and the tensors `prepare` wrote."""
+    from safetensors.torch import load_file
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return dev, {k: v.long() for k, v in load_file(data).items()}
+
+
 def _book_ppl(model, val: dict, device) -> dict:
     """Perplexity on the validation books, every book weighed alike, at 128 and 512 tokens of context."""
     from benchmarks.allocation_study import book_summary, geo_ppl, sequence_losses
@@ -351,10 +361,7 @@ def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", bu
     from slimflow.models import load_model
 
     started = time.perf_counter()
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    torch.backends.cuda.matmul.allow_tf32 = False
-    tensors = {k: v.long() for k, v in load_file(data).items()}
+    dev, tensors = open_grid_data(data, device)
     eval_ids = tensors.pop("eval")
     holdout = tensors.pop("holdout", None)
     outdir = Path(out)
