@@ -417,7 +417,7 @@ def adaptive_plan(model: nn.Module, adapter: ModelAdapter, calibration: torch.Te
     plans = allocate(heads, channels, energies, shapes, target_params, normalize, gradients)
     info = {"normalize": normalize, "residual_energy": energies, "gradient_energy": gradients,
             "head_curves": [h.costs for h in heads], "channel_counts": [c.counts for c in channels],
-            "channel_curves": [c.costs for c in channels]}
+            "channel_curves": [c.costs for c in channels], "measured_rows": int(measured.shape[0])}
     if searching:
         candidates = candidate_plans(heads, channels, energies, gradients, shapes, target_params, normalize,
                                      fixed_plans or {}, channel_multiple, max_ratio, families, plans)

@@ -116,6 +116,7 @@ def test_the_rows_that_score_the_search_inform_no_candidate():
     for key in ("head_curves", "channel_curves", "residual_energy", "gradient_energy"):
         assert changed[key] == base[key], key
     assert changed["search"]["scores"] != base["search"]["scores"]
+    assert base["measured_rows"] == 12
     pruning = other.clone()  # a row that prunes the candidates does move the curves
     pruning[3] = _ids(1, 32, seed=8)[0]
     assert run(pruning)["channel_curves"] != base["channel_curves"]
