@@ -32,7 +32,7 @@ NORMALIZATIONS = ("gradient", "residual", "none")
 
 OPTIONS = ("normalize", "points", "search", "search_samples", "holdout", "score", "score_on", "families")
 FAMILIES = ("cost", "fixed", "blend")  # candidate families the search scores by default (`candidate_plans`)
-ALL_FAMILIES = ("cost", "fixed", "split", "blend")
+ALL_FAMILIES = ("cost", "fixed", "split", "blend", "flat")
 SCORES = ("loss", "kl")
 SCORE_ON = ("calibration", "generated")
 
@@ -262,6 +262,27 @@ def blend_plans(a: list[LayerPlan], b: list[LayerPlan], shapes: list[LayerShape]
     return plans
 
 
+def flat_channel_plan(heads_from: list[LayerPlan], shapes: list[LayerShape], target_params: float,
+                      channel_multiple: int, max_ratio: float | None) -> list[LayerPlan] | None:
+    """`heads_from`'s head units per layer, and FFN channels removed in one proportion of every layer's width
+    (rounded to `channel_multiple`, then shifted to meet `target_params` as closely as whole steps allow); None
+    when those head units alone exceed the budget."""
+    limits = [layer_limits(s, channel_multiple, max_ratio) for s in shapes]
+    units = [min(p.remove_units, lim[0]) for p, lim in zip(heads_from, limits)]
+    rest = target_params - sum(u * s.unit_params for u, s in zip(units, shapes))
+    if rest < 0:
+        return None
+    fraction = rest / sum(s.channels * s.channel_params for s in shapes)
+    plans = []
+    for u, shape, (_, max_channels) in zip(units, shapes, limits):
+        keep = channel_multiple * round(shape.channels * (1 - fraction) / channel_multiple)
+        ch = min(max_channels, max(0, shape.channels - keep))
+        plans.append(LayerPlan((u * shape.unit_params + ch * shape.channel_params) / shape.prunable, u, ch))
+    removed = sum(p.remove_units * s.unit_params + p.remove_channels * s.channel_params for p, s in zip(plans, shapes))
+    _absorb_rounding(plans, shapes, limits, channel_multiple, target_params - removed)
+    return plans
+
+
 @torch.no_grad()
 def holdout_score(model: nn.Module, ids: torch.Tensor, batch_size: int = 8, dense: nn.Module | None = None) -> float:
     """Per token on the sequences `ids`: the next-token loss of `model`, or with `dense` the KL divergence
@@ -365,8 +386,9 @@ def candidate_plans(heads: list[CostCurve], channels: list[CostCurve], energies:
                     cost_plan: list[LayerPlan] | None = None) -> dict[str, list[LayerPlan]]:
     """The plans the search scores, by family: `cost` (the cost plans of both weightings, `normalize`'s first),
     `fixed` (`fixed_plans`: the fixed shapes at the same budget), `split` (each fixed shape's per-layer budget,
-    split between heads and channels by the layer's weighted costs: `split_within_layers`) and `blend` (the
-    mean of `normalize`'s cost plan and each fixed shape: `blend_plans`)."""
+    split between heads and channels by the layer's weighted costs: `split_within_layers`), `blend` (the
+    mean of `normalize`'s cost plan and each fixed shape: `blend_plans`) and `flat` (the head units of the cost
+    plan and of each non-uniform fixed shape, FFN channels in one proportion everywhere: `flat_channel_plan`)."""
     own = cost_plan or allocate(heads, channels, energies, shapes, target_params, normalize, gradients)
     out: dict[str, list[LayerPlan]] = {}
     if "cost" in families:
@@ -384,6 +406,11 @@ def candidate_plans(heads: list[CostCurve], channels: list[CostCurve], energies:
     if "blend" in families:
         for name, layers in fixed_plans.items():
             out[f"blend:{name}"] = blend_plans(own, layers, shapes, target_params, channel_multiple, max_ratio)
+    if "flat" in families:
+        for name, layers in ({f"cost:{normalize}": own} | fixed_plans).items():
+            if name != "uniform" and (plans := flat_channel_plan(layers, shapes, target_params, channel_multiple,
+                                                                  max_ratio)) is not None:
+                out[f"flat:{name}"] = plans
     return out
 
 

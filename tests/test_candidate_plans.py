@@ -12,7 +12,8 @@ import torch
 import slimflow
 from slimflow.algorithms.allocation import CostCurve
 from slimflow.algorithms.schedules import LayerPlan, LayerShape, ScheduleError, layer_limits
-from slimflow.allocation import blend_plans, candidate_plans, check_schedule_options, split_within_layers
+from slimflow.allocation import (blend_plans, candidate_plans, check_schedule_options, flat_channel_plan,
+                                 split_within_layers)
 from tests.tiny_models import tiny_model
 
 
@@ -90,11 +91,11 @@ def test_candidate_families_on_a_tiny_model_hit_the_budget():
     model = tiny_model("llama_gqa", num_hidden_layers=3)
     ids = torch.randint(3, 128, (12, 24), generator=torch.Generator().manual_seed(0))
     report = slimflow.prune(model, ids, ratio=0.3, schedule="adaptive", device="cpu", progress=False,
-                            schedule_options={"families": ["cost", "fixed", "split", "blend"], "search_samples": 6,
+                            schedule_options={"families": ["cost", "fixed", "split", "blend", "flat"], "search_samples": 6,
                                               "holdout": 3})
     search = report.settings["allocation"]["search"]
-    assert {"split:uniform", "split:log_increase:2", "blend:uniform", "blend:log_increase:4"} <= set(search["scores"])
-    assert search["families"] == ["cost", "fixed", "split", "blend"]
+    assert {"split:uniform", "split:log_increase:2", "blend:uniform", "blend:log_increase:4", "flat:log_increase:2"} <= set(search["scores"])
+    assert search["families"] == ["cost", "fixed", "split", "blend", "flat"]
     assert abs(report.realised_fraction - 0.3) < 0.005
 
 
@@ -112,3 +113,32 @@ def test_candidate_plans_by_family():
     args = (heads, channels, [(1.0, 1.0)] * 2, [(1.0, 1.0)] * 2, shapes, 120, "gradient", fixed, 1, None)
     assert list(candidate_plans(*args, families=("cost", "fixed"))) == ["cost:gradient", "cost:residual", "uniform"]
     assert list(candidate_plans(*args, families=("split", "blend"))) == ["split:uniform", "blend:uniform"]
+
+
+@pytest.mark.parametrize("multiple", [1, 4])
+def test_flat_keeps_the_head_units_and_removes_one_proportion_of_channels_on_budget(multiple):
+    shapes = [LayerShape(4, 30, 64, 3), LayerShape(4, 30, 64, 3), LayerShape(4, 30, 32, 3)]
+    heads_from = [LayerPlan(0, 0, 50), LayerPlan(0, 1, 2), LayerPlan(0, 2, 0)]
+    target = 3 * 30 + 48 * 3  # the head units' 90 parameters and 48 channels
+    got = flat_channel_plan(heads_from, shapes, target, multiple, None)
+    assert [p.remove_units for p in got] == [0, 1, 2]
+    assert all((s.channels - p.remove_channels) % multiple == 0 for p, s in zip(got, shapes))
+    removed = sum(p.remove_units * 30 + p.remove_channels * 3 for p in got)
+    assert abs(removed - target) <= multiple * 3 / 2
+    # 48 of 160 channels: 30% of every layer's width, the wider layers giving twice as many
+    for p, s in zip(got, shapes):
+        assert abs(p.remove_channels - 0.3 * s.channels) <= multiple
+        assert p.ratio == pytest.approx((p.remove_units * 30 + p.remove_channels * 3) / s.prunable)
+    assert flat_channel_plan([LayerPlan(0, 3, 0)] * 3, shapes, 200, 1, None) is None  # 270 parameters of heads > 200
+
+
+def test_flat_family_takes_the_cost_plan_and_the_non_uniform_shapes():
+    shapes = [LayerShape(4, 30, 20, 3)] * 2
+    heads = [CostCurve([0, 1, 2, 3], [0.0, 1.0, 2.0, 3.0], 30)] * 2
+    channels = [CostCurve(list(range(20)), [0.1 * i for i in range(20)], 3)] * 2
+    fixed = {"uniform": [LayerPlan(0, 1, 10)] * 2, "log_increase:2": [LayerPlan(0, 0, 12), LayerPlan(0, 2, 8)]}
+    args = (heads, channels, [(1.0, 1.0)] * 2, [(1.0, 1.0)] * 2, shapes, 120, "gradient", fixed, 1, None)
+    got = candidate_plans(*args, families=("flat",))
+    assert list(got) == ["flat:cost:gradient", "flat:log_increase:2"]
+    assert [p.remove_units for p in got["flat:log_increase:2"]] == [0, 2]
+    assert [p.remove_channels for p in got["flat:log_increase:2"]] == [10, 10]
