@@ -96,7 +96,8 @@ def main(*, model: str, data: str, calibration: str, ratio: float = 0.2, books: 
             json.dump({"model": model, "calibration": calibration, "ratio": ratio, "sampled": sampled, "seed": seed,
                        "device": str(dev), "rows": rows}, f, indent=1)
 
-    runs = [("uniform", None), ("log_increase", None), ("adaptive", None)] + ([("adaptive", families)] if families else [])
+    runs = [("uniform", None), ("log_increase", None), ("adaptive", None)]
+    runs += [("adaptive", families)] if families else []
     for schedule, fams in runs:
         trial = copy.deepcopy(dense)
         t = time.perf_counter()

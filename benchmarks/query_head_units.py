@@ -89,7 +89,8 @@ def main(*, model: str, data: str, calibration: str, ratio: float = 0.2, schedul
         pipeline._remove_head_units = original
     row = {"units": units, "schedule": schedule, "ratio": ratio, "calibration": calibration,
            "exact_head_score": exact_head_score, "removed": round(report.realised_fraction, 4),
-           "ppl": round(_perplexity(dense, tensors["eval"], windows, dev), 2), "seconds": round(time.perf_counter() - t),
+           "ppl": round(_perplexity(dense, tensors["eval"], windows, dev), 2),
+           "seconds": round(time.perf_counter() - t),
            "widths": [(w.num_attention_heads, w.num_key_value_heads, w.intermediate_size) for w in report.widths]}
     print(json.dumps(row), flush=True)
     return row

@@ -88,6 +88,13 @@ MUTATIONS = [
     ("split takes the most expensive heads/channels pair", "slimflow/allocation.py",
      "s_attn * h.costs[units] + s_ffn * _interpolated(c, ch), units)",
      "-(s_attn * h.costs[units] + s_ffn * _interpolated(c, ch)), units)", ["tests/test_candidate_plans.py"]),
+    ("flat cuts the same number of channels from every layer", "slimflow/allocation.py",
+     "keep = channel_multiple * round(shape.channels * (1 - fraction) / channel_multiple)",
+     "keep = channel_multiple * round((shape.channels - rest / sum(x.channel_params for x in shapes)"
+     " / len(shapes)) / channel_multiple)", ["tests/test_candidate_plans.py"]),
+    ("flat drops the head units it was given", "slimflow/allocation.py",
+     "units = [min(p.remove_units, lim[0]) for p, lim in zip(heads_from, limits)]",
+     "units = [0 for p, lim in zip(heads_from, limits)]", ["tests/test_candidate_plans.py"]),
     ("adaptive samples nothing by default", "slimflow/api.py",
      "return max(1, min(ADAPTIVE_SAMPLES, ADAPTIVE_SAMPLED_TOKENS // max(seqlen, 1)))",
      "return 0", ["tests/test_allocation_search.py"]),

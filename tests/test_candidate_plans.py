@@ -94,7 +94,8 @@ def test_candidate_families_on_a_tiny_model_hit_the_budget():
                             schedule_options={"families": ["cost", "fixed", "split", "blend", "flat"], "search_samples": 6,
                                               "holdout": 3})
     search = report.settings["allocation"]["search"]
-    assert {"split:uniform", "split:log_increase:2", "blend:uniform", "blend:log_increase:4", "flat:log_increase:2"} <= set(search["scores"])
+    assert {"split:uniform", "split:log_increase:2", "blend:uniform", "blend:log_increase:4",
+            "flat:log_increase:2"} <= set(search["scores"])
     assert search["families"] == ["cost", "fixed", "split", "blend", "flat"]
     assert abs(report.realised_fraction - 0.3) < 0.005
 
