@@ -266,7 +266,7 @@ def flat_channel_plan(heads_from: list[LayerPlan], shapes: list[LayerShape], tar
                       channel_multiple: int, max_ratio: float | None) -> list[LayerPlan] | None:
     """`heads_from`'s head units per layer, and FFN channels removed in one proportion of every layer's width
     (rounded to `channel_multiple`, then shifted to meet `target_params` as closely as whole steps allow); None
-    when those head units alone exceed the budget."""
+    when those head units and the channels the floors allow cannot meet the budget to half a channel step."""
     limits = [layer_limits(s, channel_multiple, max_ratio) for s in shapes]
     units = [min(p.remove_units, lim[0]) for p, lim in zip(heads_from, limits)]
     rest = target_params - sum(u * s.unit_params for u, s in zip(units, shapes))
@@ -279,7 +279,9 @@ def flat_channel_plan(heads_from: list[LayerPlan], shapes: list[LayerShape], tar
         ch = min(max_channels, max(0, shape.channels - keep))
         plans.append(LayerPlan((u * shape.unit_params + ch * shape.channel_params) / shape.prunable, u, ch))
     removed = sum(p.remove_units * s.unit_params + p.remove_channels * s.channel_params for p, s in zip(plans, shapes))
-    _absorb_rounding(plans, shapes, limits, channel_multiple, target_params - removed)
+    removed = _absorb_rounding(plans, shapes, limits, channel_multiple, target_params - removed)
+    if abs(removed - target_params) > max(channel_multiple * s.channel_params for s in shapes) / 2:
+        return None
     return plans
 
 

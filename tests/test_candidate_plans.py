@@ -131,6 +131,8 @@ def test_flat_keeps_the_head_units_and_removes_one_proportion_of_channels_on_bud
         assert abs(p.remove_channels - 0.3 * s.channels) <= multiple
         assert p.ratio == pytest.approx((p.remove_units * 30 + p.remove_channels * 3) / s.prunable)
     assert flat_channel_plan([LayerPlan(0, 3, 0)] * 3, shapes, 200, 1, None) is None  # 270 parameters of heads > 200
+    # no head units: 700 parameters would need 233 channels, more than the floors leave (157 of 160)
+    assert flat_channel_plan([LayerPlan(0, 0, 0)] * 3, shapes, 700, 1, None) is None
 
 
 def test_flat_family_takes_the_cost_plan_and_the_non_uniform_shapes():
