@@ -60,8 +60,10 @@ def hand_plans(shapes, target_params: int, channel_multiple: int = 1) -> dict:
 
 def main(*, model: str, data: str, calibration: str, ratio: float = 0.2, books: str | None = None,
          out: str = "runs/oracle.json", windows: int = 300, device: str = "auto", sampled: int = 0,
-         seed: int = 0, hand: bool = True, families: list[str] | None = None) -> list[dict]:
-    """`hand=False`: only the schedules. `families`: one more adaptive run, scoring those candidate families."""
+         seed: int = 0, hand: bool = True, families: list[str] | None = None,
+         options: dict | None = None) -> list[dict]:
+    """`hand=False`: only the schedules. `families`: one more adaptive run, scoring those candidate families
+    (with the other adaptive `options`, e.g. `{"holdout": 64}`)."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -102,9 +104,9 @@ def main(*, model: str, data: str, calibration: str, ratio: float = 0.2, books: 
         trial = copy.deepcopy(dense)
         t = time.perf_counter()
         report = api.prune(trial, ids, ratio, schedule, progress=False, generated_samples=0, device=dev,
-                           schedule_options={"families": fams} if fams else None)
+                           schedule_options={"families": fams} | (options or {}) if fams else None)
         chosen = report.settings.get("allocation", {}).get("search", {}).get("chosen")
-        name = schedule + ("[" + ",".join(fams) + "]" if fams else "") + (f" ({chosen})" if chosen else "")
+        name = schedule + ("[" + ",".join(fams) + "]" + (json.dumps(options) if options else "") if fams else "") + (f" ({chosen})" if chosen else "")
         record(name, trial, time.perf_counter() - t,
                [(w.num_key_value_heads, w.intermediate_size) for w in report.widths])
     adapter = get_adapter(dense)
