@@ -61,9 +61,11 @@ def hand_plans(shapes, target_params: int, channel_multiple: int = 1) -> dict:
 def main(*, model: str, data: str, calibration: str, ratio: float = 0.2, books: str | None = None,
          out: str = "runs/oracle.json", windows: int = 300, device: str = "auto", sampled: int = 0,
          seed: int = 0, hand: bool = True, families: list[str] | None = None,
-         options: dict | None = None) -> list[dict]:
+         options: dict | None = None, variants: list[dict] | None = None) -> list[dict]:
     """`hand=False`: only the schedules. `families`: one more adaptive run, scoring those candidate families
-    (with the other adaptive `options`, e.g. `{"holdout": 64}`)."""
+    (with the other adaptive `options`, e.g. `{"holdout": 64}`). `variants`: one more adaptive run for each of
+    these schedule options (e.g. `{"score_on": "text"}`), given the calibration text and `sampled` to sample
+    itself, as `slimflow.prune` does (the same sampled rows: same call, seed and device)."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -100,13 +102,17 @@ def main(*, model: str, data: str, calibration: str, ratio: float = 0.2, books: 
 
     runs = [("uniform", None), ("log_increase", None), ("adaptive", None)]
     runs += [("adaptive", families)] if families else []
-    for schedule, fams in runs:
+    runs = [(schedule, {"families": fams} | (options or {}) if fams else None) for schedule, fams in runs]
+    runs += [("adaptive", dict(v)) for v in variants or []]
+    for i, (schedule, opts) in enumerate(runs):
         trial = copy.deepcopy(dense)
         t = time.perf_counter()
-        report = api.prune(trial, ids, ratio, schedule, progress=False, generated_samples=0, device=dev,
-                           schedule_options={"families": fams} | (options or {}) if fams else None)
+        variant = i >= len(runs) - len(variants or [])
+        report = api.prune(trial, tensors[calibration] if variant else ids, ratio, schedule, progress=False,
+                           generated_samples=sampled if variant else 0, seed=seed, device=dev,
+                           schedule_options=opts)
         chosen = report.settings.get("allocation", {}).get("search", {}).get("chosen")
-        name = schedule + ("[" + ",".join(fams) + "]" + (json.dumps(options) if options else "") if fams else "") + (f" ({chosen})" if chosen else "")
+        name = schedule + (json.dumps(opts) if opts else "") + (f" ({chosen})" if chosen else "")
         record(name, trial, time.perf_counter() - t,
                [(w.num_key_value_heads, w.intermediate_size) for w in report.widths])
     adapter = get_adapter(dense)

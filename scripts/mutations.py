@@ -100,6 +100,12 @@ MUTATIONS = [
      "return 0", ["tests/test_allocation_search.py"]),
     ("the search's scoring rows inform the cost plans", "slimflow/allocation.py",
      "    if searching and not generated:", "    if False:", ["tests/test_allocation_search.py"]),
+    ("text scoring holds out among every row", "slimflow/allocation.py",
+     "_spaced(held, rows if text_rows is None else rows[:text_rows])", "_spaced(held, rows)",
+     ["tests/test_allocation_search.py"]),
+    ("text scoring ignored by the adaptive schedule", "slimflow/allocation.py",
+     'pool = text_rows if score_on == "text" and text_rows', 'pool = None if score_on == "text" and text_rows',
+     ["tests/test_allocation_search.py"]),
 ]
 
 

@@ -34,7 +34,7 @@ OPTIONS = ("normalize", "points", "search", "search_samples", "holdout", "score"
 FAMILIES = ("cost", "fixed", "blend")  # candidate families the search scores by default (`candidate_plans`)
 ALL_FAMILIES = ("cost", "fixed", "split", "blend", "flat")
 SCORES = ("loss", "kl")
-SCORE_ON = ("calibration", "generated")
+SCORE_ON = ("calibration", "text", "generated")
 
 
 def check_schedule_options(schedule: str | None, options: dict | None) -> None:
@@ -306,13 +306,14 @@ def holdout_score(model: nn.Module, ids: torch.Tensor, batch_size: int = 8, dens
 
 
 def search_split(num_samples: int, search_samples: int = 32, holdout: int = 16,
-                 generated: bool = False) -> tuple[int, int] | None:
+                 generated: bool = False, text_rows: int | None = None) -> tuple[int, int] | None:
     """How many calibration sequences prune and how many score each candidate (held out from its pruning);
     None when the calibration set is too small to hold any out (fewer than 4 sequences). With `generated`
-    the scored sequences are sampled from the model, and every calibration sequence may prune."""
+    the scored sequences are sampled from the model, and every calibration sequence may prune. `text_rows`:
+    hold out only among the first `text_rows` rows (the real text before sampled sequences), a quarter at most."""
     if generated:
         return min(search_samples, num_samples), holdout
-    held = min(holdout, num_samples // 4)
+    held = min(holdout, (num_samples if text_rows is None else text_rows) // 4)
     if held < 1:
         return None
     return min(search_samples, num_samples - held), held
@@ -324,13 +325,14 @@ def _spaced(count: int, among: list[int]) -> list[int]:
 
 
 def search_rows(num_samples: int, search_samples: int = 32, holdout: int = 16,
-                generated: bool = False) -> tuple[list[int], list[int]]:
+                generated: bool = False, text_rows: int | None = None) -> tuple[list[int], list[int]]:
     """Which calibration rows prune each candidate and which score it: both evenly spread over the set, so that
     each represents the whole of it (contiguous windows of one text, real text followed by sampled sequences),
-    and disjoint. With `generated` no row is held out (the scored sequences are sampled)."""
-    pruning, held = search_split(num_samples, search_samples, holdout, generated)
+    and disjoint. With `generated` no row is held out (the scored sequences are sampled); with `text_rows` the
+    scoring rows are spread over the first `text_rows` rows only (the pruning rows still over all the rest)."""
+    pruning, held = search_split(num_samples, search_samples, holdout, generated, text_rows)
     rows = list(range(num_samples))
-    held_rows = [] if generated else _spaced(held, rows)
+    held_rows = [] if generated else _spaced(held, rows if text_rows is None else rows[:text_rows])
     held_set = set(held_rows)
     rest = [r for r in rows if r not in held_set]
     return _spaced(pruning, rest), held_rows
@@ -353,7 +355,8 @@ def _dense_on(model: nn.Module, device: torch.device | None):
 def search_plans(model: nn.Module, adapter: ModelAdapter, calibration: torch.Tensor,
                  candidates: dict[str, list[LayerPlan]], method, device: torch.device, batch_size: int = 8,
                  search_samples: int = 32, holdout: int = 16, score: str = "loss",
-                 progress: bool = True, scored: torch.Tensor | None = None) -> tuple[str, dict[str, float]]:
+                 progress: bool = True, scored: torch.Tensor | None = None,
+                 text_rows: int | None = None) -> tuple[str, dict[str, float]]:
     """The candidate plan whose pruned model predicts held-out calibration sequences best.
 
     Each candidate prunes a copy of `model` with `search_samples` calibration sequences (the same method,
@@ -363,9 +366,10 @@ def search_plans(model: nn.Module, adapter: ModelAdapter, calibration: torch.Ten
     prefers the cost plans, which perturb the dense model least, where held-out perplexity prefers a fixed
     shape: docs/results.md). Ties keep the earlier candidate. Returns the name and every score. For `kl` the
     dense model is moved to `device` for the scoring and back. `scored`: score on these sequences instead (e.g.
-    sampled from the dense model); then no calibration sequence is held out.
+    sampled from the dense model); then no calibration sequence is held out. `text_rows`: hold out only among
+    the first `text_rows` calibration rows (`search_rows`).
     """
-    train_rows, held_rows = search_rows(calibration.shape[0], search_samples, holdout, scored is not None)
+    train_rows, held_rows = search_rows(calibration.shape[0], search_samples, holdout, scored is not None, text_rows)
     train = calibration[train_rows]
     if scored is None:
         scored = calibration[held_rows]
@@ -423,21 +427,26 @@ def adaptive_plan(model: nn.Module, adapter: ModelAdapter, calibration: torch.Te
                   times: dict | None = None, search: bool = True, search_samples: int = 32, holdout: int = 16,
                   score: str = "loss", score_on: str = "calibration", families=FAMILIES,
                   fixed_plans: dict[str, list[LayerPlan]] | None = None,
-                  method=None) -> tuple[list[LayerPlan], dict]:
+                  method=None, text_rows: int | None = None) -> tuple[list[LayerPlan], dict]:
     """The adaptive schedule's per-layer plan for `target_params` parameters, and what it measured.
 
     With `search` (default) the plans of `families` (`candidate_plans`: by default those from the measured costs,
     both normalisations, and `fixed_plans`, the fixed shapes at the same budget) are candidates, and
     `search_plans` keeps the one that scores best on held-out calibration sequences. Those rows inform no
     candidate: the cost curves and gradient energies are measured without them. Without the search (or without a
-    method to prune the candidates with) the cost plan of `normalize`, measured on every row, is the answer."""
+    method to prune the candidates with) the cost plan of `normalize`, measured on every row, is the answer.
+
+    `text_rows`: how many leading calibration rows are real text (the rest sampled from the model); with
+    `score_on="text"` the scoring rows are held out among those only. Where every row or none is text,
+    `"text"` scores as `"calibration"` does."""
     t = time.perf_counter()
     generated = score_on == "generated"
-    searching = search and method is not None and search_split(calibration.shape[0], search_samples, holdout,
-                                                               generated) is not None
+    pool = text_rows if score_on == "text" and text_rows and text_rows < calibration.shape[0] else None
+    split = search_split(calibration.shape[0], search_samples, holdout, generated, pool)
+    searching = search and method is not None and split is not None
     measured = calibration
     if searching and not generated:  # the rows that score the candidates inform none of them, cost plans included
-        held = set(search_rows(calibration.shape[0], search_samples, holdout)[1])
+        held = set(search_rows(calibration.shape[0], search_samples, holdout, text_rows=pool)[1])
         measured = calibration[[r for r in range(calibration.shape[0]) if r not in held]]
     want_gradients = normalize == "gradient" or searching
     gradients = residual_gradient_energy(model, adapter, measured, batch_size) if want_gradients else None
@@ -457,11 +466,11 @@ def adaptive_plan(model: nn.Module, adapter: ModelAdapter, calibration: torch.Te
             scored = sample_sequences(model, holdout, calibration.shape[1], device=device, batch_size=batch_size,
                                       progress=progress)
         chosen, scores = search_plans(model, adapter, calibration, candidates, method, device, batch_size,
-                                      search_samples, holdout, score, progress, scored)
+                                      search_samples, holdout, score, progress, scored, pool)
         plans = candidates[chosen]
         info["search"] = {"chosen": chosen, "score": score, "scores": scores,
                           "score_on": score_on, "families": list(families),
-                          "split": list(search_split(calibration.shape[0], search_samples, holdout, generated))}
+                          "split": list(split)}
     if times is not None:
         times["allocation"] = round(time.perf_counter() - t, 4)
     return plans, info

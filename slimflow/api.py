@@ -271,7 +271,8 @@ def prune(
         engine = Engine(model, adapter, pruner, calibration, dp.shard(calibration), budget.target_params, dev,
                         batch_size, progress, times, replay_attention, dp, layer_store,
                         max_layer_ratio, correct_drift)
-        results = _run_hooks(pruner, engine, budget, layer_plan, schedule, schedule_options, allocation)
+        results = _run_hooks(pruner, engine, budget, layer_plan, schedule, schedule_options, allocation,
+                             int(calibration.shape[0]) - generated_samples)
     finally:
         model.train(was_training)
     if use_cache is not None:
@@ -325,8 +326,9 @@ def _with_sampled(model, calibration, count, seed, device, dp, layer_store, prog
 
 
 def _run_hooks(pruner: PruningMethod, engine: Engine, budget: Budget, layer_plan: Plan, schedule: str | None,
-               schedule_options: dict | None, allocation: dict) -> list[LayerResult]:
-    """The method's `prepare`, `allocate` and `run`; the schedule's widths are computed only if `allocate` asks."""
+               schedule_options: dict | None, allocation: dict, text_rows: int) -> list[LayerResult]:
+    """The method's `prepare`, `allocate` and `run`; the schedule's widths are computed only if `allocate` asks.
+    `text_rows`: how many leading calibration rows are the caller's text (the rest sampled from the model)."""
     times = engine.times
     t = time.perf_counter()
     pruner.prepare(engine.model, engine.adapter, engine.shard, budget, engine.device, engine.batch_size)
@@ -341,7 +343,8 @@ def _run_hooks(pruner: PruningMethod, engine: Engine, budget: Budget, layer_plan
         layers, allocation["info"] = adaptive_plan(
             engine.model, engine.adapter, engine.calibration, budget.shapes, budget.target_params,
             budget.channel_multiple, budget.max_layer_ratio, engine.device, engine.batch_size, progress=engine.progress,
-            times=times.extra, fixed_plans=fixed, method=pruner if engine.store is None else None, **settings,
+            times=times.extra, fixed_plans=fixed, method=pruner if engine.store is None else None,
+            text_rows=text_rows, **settings,
             **(schedule_options or {}))
         return layers
 

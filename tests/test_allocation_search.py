@@ -170,3 +170,39 @@ def test_a_negative_sampled_count_is_refused_before_any_work(rows):
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="generated_samples must be ≥ 0, got -3"):
         slimflow.prune(model, _ids(rows, 16), ratio=0.3, progress=False, generated_samples=-3)
+
+
+def test_text_scoring_holds_out_only_among_the_leading_text_rows():
+    train, held = allocation.search_rows(384, 32, 16, text_rows=128)
+    assert len(held) == 16 and max(held) < 128 and held[0] == 4 and held[-1] == 124  # spread over the text
+    assert len(train) == 32 and not set(train) & set(held) and max(train) >= 128  # pruning rows: text and samples
+    assert allocation.search_split(384, 32, 16, text_rows=20) == (32, 5)  # a quarter of the text at most
+    assert allocation.search_split(384, 32, 16, text_rows=3) is None
+
+
+def test_text_scoring_rows_come_from_the_calibration_text_not_the_sampled_sequences():
+    ids = _ids(16, 32)
+
+    def run(options, text=ids):
+        report = slimflow.prune(tiny_model("llama_gqa"), text, ratio=0.4, schedule="adaptive", progress=False,
+                                generated_samples=48, schedule_options=options)
+        return report.settings["allocation"]
+
+    base = run({"score_on": "text"})
+    assert base["search"]["split"] == [32, 4] and base["measured_rows"] == 60
+    _, held = allocation.search_rows(64, 32, 16, text_rows=16)
+    assert held == [2, 6, 10, 14]
+    other = ids.clone()  # the scoring rows are these text rows: new content there moves only the scores
+    other[held] = _ids(4, 32, seed=7)
+    changed = run({"score_on": "text"}, other)
+    for key in ("head_curves", "channel_curves", "residual_energy", "gradient_energy"):
+        assert changed[key] == base[key], key
+    assert changed["search"]["scores"] != base["search"]["scores"]
+    # the default spreads its scoring rows over text and samples alike, and so scores otherwise
+    default = run({})
+    assert default["search"]["split"] == [32, 16] and default["search"]["scores"] != base["search"]["scores"]
+    # without sampled rows "text" is "calibration"
+    plain = [slimflow.prune(tiny_model("llama_gqa"), ids, ratio=0.4, schedule="adaptive", progress=False,
+                            generated_samples=0, schedule_options=o).settings["allocation"]["search"]["scores"]
+             for o in ({"score_on": "text"}, {})]
+    assert plain[0] == plain[1]
