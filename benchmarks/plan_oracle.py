@@ -64,8 +64,8 @@ def main(*, model: str, data: str, calibration: str, ratio: float = 0.2, books: 
          options: dict | None = None, variants: list[dict] | None = None) -> list[dict]:
     """`hand=False`: only the schedules. `families`: one more adaptive run, scoring those candidate families
     (with the other adaptive `options`, e.g. `{"holdout": 64}`). `variants`: one more adaptive run for each of
-    these schedule options (e.g. `{"score_on": "text"}`), given the calibration text and `sampled` to sample
-    itself, as `slimflow.prune` does (the same sampled rows: same call, seed and device)."""
+    these schedule options (e.g. `{"score_on": "text"}`). These extra runs get the calibration text and sample
+    their `sampled` rows themselves, as `slimflow.prune` does (the same rows: same call, seed and device)."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -100,16 +100,14 @@ def main(*, model: str, data: str, calibration: str, ratio: float = 0.2, books: 
             json.dump({"model": model, "calibration": calibration, "ratio": ratio, "sampled": sampled, "seed": seed,
                        "device": str(dev), "rows": rows}, f, indent=1)
 
-    runs = [("uniform", None), ("log_increase", None), ("adaptive", None)]
-    runs += [("adaptive", families)] if families else []
-    runs = [(schedule, {"families": fams} | (options or {}) if fams else None) for schedule, fams in runs]
-    runs += [("adaptive", dict(v)) for v in variants or []]
-    for i, (schedule, opts) in enumerate(runs):
+    variants = ([{"families": families} | (options or {})] if families else []) + list(variants or [])
+    runs = [("uniform", None, False), ("log_increase", None, False), ("adaptive", None, False)]
+    runs += [("adaptive", dict(v), True) for v in variants]
+    for schedule, opts, sampling in runs:  # a variant samples its rows itself, as slimflow.prune does
         trial = copy.deepcopy(dense)
         t = time.perf_counter()
-        variant = i >= len(runs) - len(variants or [])
-        report = api.prune(trial, tensors[calibration] if variant else ids, ratio, schedule, progress=False,
-                           generated_samples=sampled if variant else 0, seed=seed, device=dev,
+        report = api.prune(trial, tensors[calibration] if sampling else ids, ratio, schedule, progress=False,
+                           generated_samples=sampled if sampling else 0, seed=seed, device=dev,
                            schedule_options=opts)
         chosen = report.settings.get("allocation", {}).get("search", {}).get("chosen")
         name = schedule + (json.dumps(opts) if opts else "") + (f" ({chosen})" if chosen else "")

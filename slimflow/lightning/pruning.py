@@ -38,7 +38,8 @@ class RatioSchedule:
         options: options of the adaptive schedule (docs/engine.md): `search` (default true: also score the cost
             plans, the fixed shapes and their blends on held-out calibration sequences and keep the best),
             `search_samples` (32), `holdout` (16), `score` (`loss` or `kl`), `normalize` (`gradient`,
-            `residual`, `none`), `points` (64), `families` (`[cost, fixed, blend]`; also `split`, `flat`); e.g.
+            `residual`, `none`), `points` (64), `families` (`[cost, fixed, blend]`; also `split`, `flat`),
+            `score_on` (`calibration`; `generated`, `text`: docs/engine.md); e.g.
             `{"search": false}`.
     """
 
