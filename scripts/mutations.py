@@ -106,6 +106,16 @@ MUTATIONS = [
     ("text scoring ignored by the adaptive schedule", "slimflow/allocation.py",
      'pool = text_rows if score_on == "text" and text_rows', 'pool = None if score_on == "text" and text_rows',
      ["tests/test_allocation_search.py"]),
+    ("device check ignores the sampling cache", "slimflow/device_memory.py",
+     '"total": resident + max(cache, copy)}', '"total": resident + copy}', ["tests/test_device_memory.py"]),
+    ("device check counts weights already on the device", "slimflow/device_memory.py",
+     "resident = 0 if _same_device(home, device) else weights", "resident = weights",
+     ["tests/test_device_memory.py"]),
+    ("prune skips the device check", "slimflow/api.py",
+     "    _check_whole_model_passes(model, dev, schedule,", "    (lambda *a: None)(model, dev, schedule,",
+     ["tests/test_device_memory.py"]),
+    ("out-of-memory errors keep their traceback", "slimflow/cli.py",
+     "user_error_in(error) or out_of_memory_in(error)", "user_error_in(error)", ["tests/test_device_memory.py"]),
 ]
 
 

@@ -66,9 +66,10 @@ def check_schedule_options(schedule: str | None, options: dict | None) -> None:
 
 
 def residual_gradient_energy(model: nn.Module, adapter: ModelAdapter, calibration: torch.Tensor,
-                             batch_size: int) -> list[tuple[float, float]]:
+                             batch_size: int, device: torch.device | str | None = None) -> list[tuple[float, float]]:
     """Per layer, `mean_t ‖∂L/∂h_t‖²` of the summed next-token loss at the residual stream after the attention
-    block and after the FFN block: one forward + backward pass of the dense model where it lives."""
+    block and after the FFN block: one forward + backward pass of the dense model on `device` (where it lives
+    unless given; a model kept on the CPU is moved there for the pass and back, as every whole-model pass is)."""
     from slimflow.methods.common import lm_backward_passes
 
     layers = adapter.layers(model)
@@ -100,11 +101,15 @@ def residual_gradient_energy(model: nn.Module, adapter: ModelAdapter, calibratio
     for i, layer in enumerate(layers):
         handles.append(adapter.post_attention_norm(layer).register_forward_pre_hook(on_mid(i)))
         handles.append(layer.register_forward_hook(on_out(i)))
+    home = next(model.parameters()).device
+    target = torch.device(device) if device is not None else home
     try:
-        lm_backward_passes(model, calibration, batch_size, next(model.parameters()).device)
+        model.to(target)
+        lm_backward_passes(model, calibration, batch_size, target)
     finally:
         for h in handles:
             h.remove()
+        model.to(home)
     return [(a / max(tokens[0], 1), b / max(tokens[0], 1)) for a, b in sums]
 
 
@@ -449,7 +454,7 @@ def adaptive_plan(model: nn.Module, adapter: ModelAdapter, calibration: torch.Te
         held = set(search_rows(calibration.shape[0], search_samples, holdout, text_rows=pool)[1])
         measured = calibration[[r for r in range(calibration.shape[0]) if r not in held]]
     want_gradients = normalize == "gradient" or searching
-    gradients = residual_gradient_energy(model, adapter, measured, batch_size) if want_gradients else None
+    gradients = residual_gradient_energy(model, adapter, measured, batch_size, device) if want_gradients else None
     heads, channels, energies = measure_cost_curves(model, adapter, measured, shapes, channel_multiple, max_ratio,
                                                     device, batch_size, damp, points, exact_head_score, progress)
     plans = allocate(heads, channels, energies, shapes, target_params, normalize, gradients)

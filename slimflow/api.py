@@ -256,6 +256,8 @@ def prune(
 
     schedule_widths()  # an impossible request fails here, before the method changes the model
     dev = _resolve_device(device, model)
+    _check_whole_model_passes(model, dev, schedule, schedule_options, generated_samples, calibration.shape[1],
+                              layer_store is not None)
     times = PhaseTimes()
     if generated_samples:
         calibration = _with_sampled(model, calibration, generated_samples, seed, dev, dp, layer_store, progress, times)
@@ -297,6 +299,7 @@ def prune(
 
 ADAPTIVE_SAMPLES = 256  # sequences of up to 512 tokens the adaptive schedule samples by default (docs/results.md)
 ADAPTIVE_SAMPLED_TOKENS = ADAPTIVE_SAMPLES * 512
+SAMPLING_BATCH = 64  # sequences sampled at once (part of what a seed gives: another batch gives other sequences)
 
 
 def default_generated_samples(schedule: str | None, streaming: bool = False, seqlen: int = 512) -> int:
@@ -309,6 +312,24 @@ def default_generated_samples(schedule: str | None, streaming: bool = False, seq
     return max(1, min(ADAPTIVE_SAMPLES, ADAPTIVE_SAMPLED_TOKENS // max(seqlen, 1)))
 
 
+def _check_whole_model_passes(model, device, schedule, schedule_options, generated_samples, seqlen,
+                              streaming) -> None:
+    """Fail before any work if the device cannot hold the passes that run the whole model there: sampling
+    (weights and key/value cache) and the adaptive schedule's gradient pass and candidate scoring."""
+    from slimflow.device_memory import check_whole_model_fits
+
+    adaptive = schedule == ADAPTIVE and not streaming
+    if not (adaptive or generated_samples):
+        return
+    options = schedule_options or {}
+    what = "the adaptive schedule" if adaptive else "sampling calibration sequences"
+    search = adaptive and options.get("search", True)
+    if adaptive and not search and not generated_samples and options.get("normalize", "gradient") != "gradient":
+        return  # the cost curves are measured one layer at a time
+    check_whole_model_fits(model, device, what, sampling_batch=min(SAMPLING_BATCH, generated_samples or 0),
+                           seqlen=seqlen, search_copy=bool(search))
+
+
 def _with_sampled(model, calibration, count, seed, device, dp, layer_store, progress, times) -> torch.Tensor:
     """`calibration` followed by `count` sequences sampled from the dense `model` (rank 0 samples, every rank
     gets its sequences)."""
@@ -319,7 +340,7 @@ def _with_sampled(model, calibration, count, seed, device, dp, layer_store, prog
                          "cannot: set generated_samples to 0")
     t = time.perf_counter()
     sampled = sample_sequences(model, count, calibration.shape[1], seed=seed, device=device,
-                               progress=progress) if dp.rank == 0 else None
+                               batch_size=SAMPLING_BATCH, progress=progress) if dp.rank == 0 else None
     sampled = dp.broadcast_object(sampled)
     times.extra["sampling"] = round(time.perf_counter() - t, 4)
     return torch.cat([calibration, sampled.to(calibration.device, calibration.dtype)])

@@ -8,8 +8,9 @@ abbreviated (`--trainer.max_epoch` is an error, as in a YAML config). A boolean 
 means true (`--overwrite` == `--overwrite true`).
 
 Errors in what was asked for (a value, a path, a model; `slimflow.errors.SlimflowUserError`) print one line
-`error: ...` and exit with status 2; `--debug` (or SLIMFLOW_DEBUG=1) shows their traceback too. Any other
-exception is a defect and keeps its traceback.
+`error: ...` and exit with status 2; `--debug` (or SLIMFLOW_DEBUG=1) shows their traceback too. So does a CUDA
+out-of-memory error (what to lower, `slimflow.errors.out_of_memory_in`). Any other exception is a defect and
+keeps its traceback.
 """
 
 from __future__ import annotations
@@ -258,9 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         code = exit_.code
         return code if isinstance(code, int) else (0 if code is None else 2)
     except Exception as error:  # noqa: BLE001 - classify, then re-raise defects unchanged
-        from slimflow.errors import user_error_in
+        from slimflow.errors import out_of_memory_in, user_error_in
 
-        user_error = user_error_in(error)
+        user_error = user_error_in(error) or out_of_memory_in(error)
         if user_error is None:
             raise
         if debug:

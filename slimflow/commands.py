@@ -93,6 +93,7 @@ def prune_command(
     from slimflow.api import prune as run_prune
     from slimflow.checkpoint import save_pruned
     from slimflow.data.calibration import calibration_ids, check_calibration_options
+    from slimflow.device_memory import weight_bytes
     from slimflow.errors import require_existing
     from slimflow.methods import get_method
     from slimflow.models import check_model_source, load_model, load_tokenizer, resolve_device, resolve_dtype
@@ -153,9 +154,8 @@ def prune_command(
         plan(net, ratio, planned_schedule, spread=spread, max_layer_ratio=max_layer_ratio,
              channel_multiple=channel_multiple)
         ids = calibration_ids(calibration, tokenizer, num_samples, seqlen, seed, sampling, skip_tokens)
-        if not stream and dev.type == "cuda" and torch.cuda.get_device_properties(dev).total_memory > 2 * sum(
-                p.numel() * p.element_size() for p in net.parameters()):
-            net.to(dev)
+        if not stream and dev.type == "cuda" and torch.cuda.mem_get_info(dev)[0] > 2 * weight_bytes(net):
+            net.to(dev)  # room for the model and the adaptive search's copy; else it stays on the CPU
         report = run_prune(net, ids, ratio, schedule, pruner, spread=spread, max_layer_ratio=max_layer_ratio,
                            channel_multiple=channel_multiple, batch_size=batch_size, device=dev, progress=progress,
                            schedule_options=schedule_options, generated_samples=generated_samples, seed=seed,

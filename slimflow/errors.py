@@ -11,6 +11,7 @@ Local paths and hub ids share one rule, `looks_local`: whatever looks like a pat
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 DEBUG_ENV = "SLIMFLOW_DEBUG"
@@ -33,6 +34,10 @@ class MissingInputError(SlimflowUserError, FileNotFoundError):
 
 class OutputExistsError(SlimflowUserError, FileExistsError):
     """The output already exists and may not be replaced."""
+
+
+class InsufficientMemoryError(SlimflowUserError, MemoryError):
+    """The device cannot hold what was asked for (checked before any work: `slimflow.device_memory`)."""
 
 
 def looks_local(source: str | os.PathLike) -> bool:
@@ -72,6 +77,26 @@ def user_error_in(error: BaseException) -> BaseException | None:
         if isinstance(error, SlimflowUserError) or any(
                 f"{cls.__module__}.{cls.__qualname__}" in FOREIGN_USER_ERRORS for cls in type(error).__mro__):
             return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def out_of_memory_in(error: BaseException) -> str | None:
+    """A one-line message for a CUDA out-of-memory error that `error` is or was raised from (None otherwise):
+    what torch tried to allocate and what was free, and what to lower. Matched by class name, without importing
+    torch."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if any(cls.__name__ == "OutOfMemoryError" for cls in type(error).__mro__):
+            text = str(error)
+            tried = re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", text)
+            free = re.search(r"total capacity of ([\d.]+ [KMGT]?i?B) of which ([\d.]+ [KMGT]?i?B) is free", text)
+            detail = "; ".join(filter(None, [tried and f"tried to allocate {tried[1]}",
+                                             free and f"{free[2]} of {free[1]} free"])) or text.split("\n")[0][:120]
+            return (f"out of memory on the GPU ({detail}): lower the batch size (--batch-size) or the sequence "
+                    "length, set --generated-samples 0, or use a device with more memory; --debug shows the "
+                    "traceback")
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None

@@ -130,3 +130,66 @@ def test_pruned_equals_masked_in_bf16_on_gpu():
         masked_logits = dense(ids).logits.float()
     assert rel(pruned_logits, masked_logits) < 1e-2
     assert (pruned_logits.argmax(-1) == masked_logits.argmax(-1)).float().mean() > 0.98
+
+
+def test_gradient_pass_of_a_cpu_model_runs_on_the_gpu_and_matches_the_cpu():
+    from slimflow.adapters import get_adapter
+    from slimflow.allocation import residual_gradient_energy
+
+    model = bigger("llama")
+    ids = calibration(8, 64)
+    on_cpu = residual_gradient_energy(model, get_adapter(model), ids, 4)
+    torch.cuda.reset_peak_memory_stats()
+    on_gpu = residual_gradient_energy(model, get_adapter(model), ids, 4, device="cuda")
+    assert torch.cuda.max_memory_allocated() > sum(p.numel() * 4 for p in model.parameters())  # it ran there
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    for (a, b), (c, d) in zip(on_cpu, on_gpu):
+        assert c == pytest.approx(a, rel=1e-3) and d == pytest.approx(b, rel=1e-3)
+
+
+def _mid_model():
+    """A random model of about 0.4 GB in fp32: large enough that the device check and the hog below are not
+    lost in the allocator's rounding."""
+    return tiny_model("llama", hidden_size=1024, intermediate_size=2048, num_attention_heads=8, num_key_value_heads=8,
+                      head_dim=128, num_hidden_layers=4, vocab_size=32000)
+
+
+def test_a_gpu_with_too_little_free_memory_is_refused_before_any_work_and_enough_runs():
+    from slimflow.device_memory import whole_model_need
+    from slimflow.errors import InsufficientMemoryError
+
+    model = _mid_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    ids = calibration(16, 64)
+    need = whole_model_need(model, torch.device("cuda", torch.cuda.current_device()), sampling_batch=64, seqlen=64)
+    torch.cuda.empty_cache()
+    free = torch.cuda.mem_get_info()[0]
+    hog = torch.empty(free - need["total"] + need["cache"] // 2, dtype=torch.uint8, device="cuda")
+    try:
+        with pytest.raises(InsufficientMemoryError, match="key/value cache of 64 sampled sequences"):
+            slimflow.prune(model, ids, 0.2, schedule="adaptive", device="cuda", progress=False)
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    finally:
+        del hog
+        torch.cuda.empty_cache()
+    # room for the weights and 2 GiB of work: without sampled sequences the adaptive prune of a CPU model runs
+    hog = torch.empty(torch.cuda.mem_get_info()[0] - need["weights"] - (2 << 30), dtype=torch.uint8, device="cuda")
+    try:
+        report = slimflow.prune(model, ids, 0.2, schedule="adaptive", device="cuda", progress=False,
+                                generated_samples=0)
+    finally:
+        del hog
+        torch.cuda.empty_cache()
+    assert abs(report.realised_fraction - 0.2) <= 0.005
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_a_real_out_of_memory_error_becomes_one_line():
+    from slimflow.errors import out_of_memory_in
+
+    free, total = torch.cuda.mem_get_info()
+    with pytest.raises(torch.OutOfMemoryError) as caught:
+        torch.empty(total + (1 << 30), dtype=torch.uint8, device="cuda")
+    message = out_of_memory_in(caught.value)
+    assert message.startswith("out of memory on the GPU (tried to allocate ") and " free)" in message
+    assert "\n" not in message
