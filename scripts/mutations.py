@@ -106,6 +106,8 @@ MUTATIONS = [
     ("text scoring ignored by the adaptive schedule", "slimflow/allocation.py",
      'pool = text_rows if score_on == "text" and text_rows', 'pool = None if score_on == "text" and text_rows',
      ["tests/test_allocation_search.py"]),
+    ("score_context ignored by the scoring", "slimflow/allocation.py",
+     "    if context:\n        return sum(", "    if False:\n        return sum(", ["tests/test_allocation_search.py"]),
     ("device check ignores the sampling cache", "slimflow/device_memory.py",
      '"total": resident + max(cache, copy)}', '"total": resident + copy}', ["tests/test_device_memory.py"]),
     ("device check counts weights already on the device", "slimflow/device_memory.py",

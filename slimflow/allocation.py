@@ -30,7 +30,8 @@ from slimflow.pipeline import _propagate, capture_layer_inputs, prune_layers
 NORMALIZATIONS = ("gradient", "residual", "none")
 
 
-OPTIONS = ("normalize", "points", "search", "search_samples", "holdout", "score", "score_on", "families")
+OPTIONS = ("normalize", "points", "search", "search_samples", "holdout", "score", "score_on", "score_context",
+           "families")
 FAMILIES = ("cost", "fixed", "blend")  # candidate families the search scores by default (`candidate_plans`)
 ALL_FAMILIES = ("cost", "fixed", "split", "blend", "flat")
 SCORES = ("loss", "kl")
@@ -60,6 +61,11 @@ def check_schedule_options(schedule: str | None, options: dict | None) -> None:
             or any(not isinstance(f, str) or f not in ALL_FAMILIES for f in families)):
         raise ScheduleError(f"adaptive schedule option families must be a non-empty list of "
                             f"{', '.join(ALL_FAMILIES)}; got {families!r}")
+    context = options.get("score_context")
+    if context is not None and (not isinstance(context, list) or not context
+                                or any(not isinstance(c, int) or isinstance(c, bool) or c < 2 for c in context)):
+        raise ScheduleError(f"adaptive schedule option score_context must be a non-empty list of window lengths "
+                            f"of at least 2 tokens, e.g. [128, 512]; got {context!r}")
     for name in ("search_samples", "holdout"):
         if name in options and (not isinstance(options[name], int) or options[name] < 1):
             raise ScheduleError(f"adaptive schedule option {name} must be a positive integer, got {options[name]!r}")
@@ -290,11 +296,25 @@ def flat_channel_plan(heads_from: list[LayerPlan], shapes: list[LayerShape], tar
     return plans
 
 
+def context_windows(ids: torch.Tensor, window: int) -> torch.Tensor:
+    """The rows of `ids` cut into consecutive windows of `window` tokens, each a sequence of its own (a row's
+    remainder shorter than the window is dropped; a window as long as the rows or longer: the rows)."""
+    if window >= ids.shape[1]:
+        return ids
+    usable = ids.shape[1] // window * window
+    return ids[:, :usable].reshape(-1, window)
+
+
 @torch.no_grad()
-def holdout_score(model: nn.Module, ids: torch.Tensor, batch_size: int = 8, dense: nn.Module | None = None) -> float:
+def holdout_score(model: nn.Module, ids: torch.Tensor, batch_size: int = 8, dense: nn.Module | None = None,
+                  context: list[int] | None = None) -> float:
     """Per token on the sequences `ids`: the next-token loss of `model`, or with `dense` the KL divergence
-    `KL(p_dense ‖ p_model)` of its next-token distributions from the dense model's. Both models run where
-    they are."""
+    `KL(p_dense ‖ p_model)` of its next-token distributions from the dense model's. With `context`, the mean
+    of that score over the listed window lengths, each scoring the rows cut into windows of that many tokens
+    (`context_windows`: how the pruned model predicts from that much context). Both models run where they
+    are."""
+    if context:
+        return sum(holdout_score(model, context_windows(ids, w), batch_size, dense) for w in context) / len(context)
     home = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, ids.shape[0], batch_size):
@@ -361,7 +381,7 @@ def search_plans(model: nn.Module, adapter: ModelAdapter, calibration: torch.Ten
                  candidates: dict[str, list[LayerPlan]], method, device: torch.device, batch_size: int = 8,
                  search_samples: int = 32, holdout: int = 16, score: str = "loss",
                  progress: bool = True, scored: torch.Tensor | None = None,
-                 text_rows: int | None = None) -> tuple[str, dict[str, float]]:
+                 text_rows: int | None = None, context: list[int] | None = None) -> tuple[str, dict[str, float]]:
     """The candidate plan whose pruned model predicts held-out calibration sequences best.
 
     Each candidate prunes a copy of `model` with `search_samples` calibration sequences (the same method,
@@ -372,7 +392,8 @@ def search_plans(model: nn.Module, adapter: ModelAdapter, calibration: torch.Ten
     shape: docs/results.md). Ties keep the earlier candidate. Returns the name and every score. For `kl` the
     dense model is moved to `device` for the scoring and back. `scored`: score on these sequences instead (e.g.
     sampled from the dense model); then no calibration sequence is held out. `text_rows`: hold out only among
-    the first `text_rows` calibration rows (`search_rows`).
+    the first `text_rows` calibration rows (`search_rows`). `context`: score at these window lengths
+    (`holdout_score`; default the whole rows).
     """
     train_rows, held_rows = search_rows(calibration.shape[0], search_samples, holdout, scored is not None, text_rows)
     train = calibration[train_rows]
@@ -384,7 +405,7 @@ def search_plans(model: nn.Module, adapter: ModelAdapter, calibration: torch.Ten
                                 disable=not progress):
             trial = copy.deepcopy(model)
             prune_layers(trial, adapter, train, plans, method, device, batch_size, progress=False)
-            scores[name] = holdout_score(trial.to(device), scored, batch_size, dense)
+            scores[name] = holdout_score(trial.to(device), scored, batch_size, dense, context)
             del trial
     best = min(scores, key=lambda k: (scores[k], list(scores).index(k)))
     return best, scores
@@ -430,7 +451,8 @@ def adaptive_plan(model: nn.Module, adapter: ModelAdapter, calibration: torch.Te
                   batch_size: int = 8, damp: float = 0.01, normalize: str = "gradient", points: int = 64,
                   exact_head_score: bool = False, progress: bool = True,
                   times: dict | None = None, search: bool = True, search_samples: int = 32, holdout: int = 16,
-                  score: str = "loss", score_on: str = "calibration", families=FAMILIES,
+                  score: str = "loss", score_on: str = "calibration", score_context: list[int] | None = None,
+                  families=FAMILIES,
                   fixed_plans: dict[str, list[LayerPlan]] | None = None,
                   method=None, text_rows: int | None = None) -> tuple[list[LayerPlan], dict]:
     """The adaptive schedule's per-layer plan for `target_params` parameters, and what it measured.
@@ -443,7 +465,8 @@ def adaptive_plan(model: nn.Module, adapter: ModelAdapter, calibration: torch.Te
 
     `text_rows`: how many leading calibration rows are real text (the rest sampled from the model); with
     `score_on="text"` the scoring rows are held out among those only. Where every row or none is text,
-    `"text"` scores as `"calibration"` does."""
+    `"text"` scores as `"calibration"` does. `score_context`: window lengths the candidates are scored at
+    (`holdout_score`; default: the whole calibration rows)."""
     t = time.perf_counter()
     generated = score_on == "generated"
     pool = text_rows if score_on == "text" and text_rows and text_rows < calibration.shape[0] else None
@@ -471,10 +494,10 @@ def adaptive_plan(model: nn.Module, adapter: ModelAdapter, calibration: torch.Te
             scored = sample_sequences(model, holdout, calibration.shape[1], device=device, batch_size=batch_size,
                                       progress=progress)
         chosen, scores = search_plans(model, adapter, calibration, candidates, method, device, batch_size,
-                                      search_samples, holdout, score, progress, scored, pool)
+                                      search_samples, holdout, score, progress, scored, pool, score_context)
         plans = candidates[chosen]
         info["search"] = {"chosen": chosen, "score": score, "scores": scores,
-                          "score_on": score_on, "families": list(families),
+                          "score_on": score_on, "score_context": score_context, "families": list(families),
                           "split": list(split)}
     if times is not None:
         times["allocation"] = round(time.perf_counter() - t, 4)

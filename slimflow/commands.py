@@ -71,7 +71,8 @@ def prune_command(
         channel_multiple: keep each FFN width a multiple of this (default: 64 for FFNs of 4096+ channels, else 1).
         schedule_options: options of the adaptive schedule: search (default true), search_samples (32), holdout
             (16), score (loss or kl), normalize (gradient, residual, none), points (64), families (candidate
-            plans: cost, fixed, blend by default; split); e.g. '{"search": false}'.
+            plans: cost, fixed, blend by default; split, flat), score_on (calibration, text, generated),
+            score_context (window lengths to score at, e.g. [128, 512]); e.g. '{"search": false}'.
         batch_size: calibration sequences per forward pass.
         device: where layers are processed: auto (CUDA if present), cpu, cuda, cuda:1, ...
         dtype: dtype used while pruning: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16.

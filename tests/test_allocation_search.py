@@ -206,3 +206,47 @@ def test_text_scoring_rows_come_from_the_calibration_text_not_the_sampled_sequen
                             generated_samples=0, schedule_options=o).settings["allocation"]["search"]["scores"]
              for o in ({"score_on": "text"}, {})]
     assert plain[0] == plain[1]
+
+
+def test_context_windows_cut_each_row_into_consecutive_windows():
+    ids = torch.arange(2 * 10).reshape(2, 10)
+    assert allocation.context_windows(ids, 4).tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [10, 11, 12, 13],
+                                                          [14, 15, 16, 17]]
+    assert allocation.context_windows(ids, 10) is ids and allocation.context_windows(ids, 64) is ids
+
+
+def test_score_at_short_context_is_the_loss_of_each_window_scored_alone():
+    model = tiny_model("llama_gqa")
+    ids = _ids(3, 24)
+
+    def brute(window):  # every window of every row predicted from its own tokens only, float64 loss
+        total, count = 0.0, 0
+        for row in ids:
+            for start in range(0, 24 - window + 1, window):
+                piece = row[start : start + window][None]
+                with torch.no_grad():
+                    logp = torch.log_softmax(model(piece).logits[0, :-1].double(), -1)
+                total -= float(logp.gather(-1, piece[0, 1:, None]).sum())
+                count += window - 1
+        return total / count
+
+    assert allocation.holdout_score(model, ids, 2, context=[8]) == pytest.approx(brute(8), rel=1e-5)
+    both = allocation.holdout_score(model, ids, 2, context=[8, 24])
+    assert both == pytest.approx((brute(8) + brute(24)) / 2, rel=1e-5)
+    assert brute(8) != pytest.approx(brute(24), rel=1e-3)  # the context length matters to the score
+
+
+def test_the_search_scores_at_the_context_it_is_given_and_refuses_bad_lengths():
+    def run(options):
+        report = slimflow.prune(tiny_model("llama_gqa"), _ids(16, 32), ratio=0.4, schedule="adaptive",
+                                progress=False, generated_samples=0, schedule_options=options)
+        return report.settings["allocation"]["search"]
+
+    default, short = run({}), run({"score_context": [8]})
+    assert short["score_context"] == [8] and default["score_context"] is None
+    assert set(short["scores"]) == set(default["scores"]) and short["scores"] != default["scores"]
+    assert run({"score_context": [32]})["scores"] == default["scores"]  # the whole rows: the default score
+    for bad in ([], [1], "128", [True], [128.0]):
+        with pytest.raises(ScheduleError, match="score_context"):
+            slimflow.prune(tiny_model("llama_gqa"), _ids(), 0.3, schedule="adaptive", progress=False,
+                           schedule_options={"score_context": bad})

@@ -39,7 +39,8 @@ class RatioSchedule:
             plans, the fixed shapes and their blends on held-out calibration sequences and keep the best),
             `search_samples` (32), `holdout` (16), `score` (`loss` or `kl`), `normalize` (`gradient`,
             `residual`, `none`), `points` (64), `families` (`[cost, fixed, blend]`; also `split`, `flat`),
-            `score_on` (`calibration`; `generated`, `text`: docs/engine.md); e.g.
+            `score_on` (`calibration`; `generated`, `text`: docs/engine.md), `score_context` (window lengths
+            the candidates are scored at, e.g. `[128, 512]`; default the whole calibration sequences); e.g.
             `{"search": false}`.
     """
 
