@@ -230,6 +230,27 @@ def defaults_cells(models: list[str], reference: str = "ref-llama-27m") -> list[
     return _defaults(out)
 
 
+ABLATIONS = {"default": {}, "damp0.001": {"damp": 0.001}, "damp0.1": {"damp": 0.1}, "n32": {"num_samples": 32},
+             "n512": {"num_samples": 512}, "L128": {"seqlen": 128}, "L2048": {"seqlen": 2048}}
+
+
+def ablation_cells(models: list[str], reference: str = "ref-llama-27m") -> list[dict]:
+    """Ablations of the current default on `reference`: the adaptive run with the sequences it samples by
+    default (`slimflow.api.default_generated_samples` for the cell's length) and, on the same tensors,
+    uniform and log_increase; one setting changed at a time (`ABLATIONS`; group `ablation:<name>`), random
+    calibration, seed 0, both ratios."""
+    from slimflow.api import default_generated_samples
+
+    out = []
+    for name, change in ABLATIONS.items():
+        for ratio in (0.2, 0.5):
+            base = dict(group=f"ablation:{name}", model=reference, ratio=ratio, sampling="random", seed=0) | change
+            sampled = default_generated_samples("adaptive", False, change.get("seqlen", 512))
+            out += [base | dict(schedule=s, spread=k, generated=sampled)
+                    for s, k in (("uniform", 1.0), ("log_increase", 4.0), ("adaptive", 4.0))]
+    return _defaults(out)
+
+
 def _defaults(out: list[dict]) -> list[dict]:
     for c in out:
         if c["schedule"] in VARIANTS:
@@ -348,7 +369,7 @@ def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", bu
         plan: `default` (schedules, seeds, ablations), `drift` (drift correction against none) or `search` (the
             adaptive schedule with its search against the fixed shapes), `generated` / `generated2` / `final`
             (sequences sampled from the model added to the calibration set), `defaults` (the default adaptive
-            run against the fixed shapes, seeds 0-2).
+            run against the fixed shapes, seeds 0-2), `ablations` (one setting of the default changed at a time).
         ratios: run only the cells of these ratios (default all).
         seeds: run only the cells of these seeds (default all).
         books: validation windows per book (`allocation_study prepare`); each row then also records the perplexity
@@ -383,7 +404,8 @@ def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", bu
               "dense": {k: {x: v[x] for x in ("ppl", "params", "books128", "books512") if x in v}
                         for k, v in dense.items()}}
     planned = {"drift": drift_cells, "search": search_cells, "generated": generated_cells,
-               "generated2": generated2_cells, "final": final_cells, "defaults": defaults_cells}[plan](
+               "generated2": generated2_cells, "final": final_cells, "defaults": defaults_cells,
+               "ablations": ablation_cells}[plan](
         list(dense), reference) if plan != "default" \
         else cells(list(dense), reference, gqa)
     todo = [c for c in planned if c["model"] in dense and (groups is None or c["group"] in groups)
