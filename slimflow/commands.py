@@ -150,7 +150,7 @@ def prune_command(
             session = stack.enter_context(streaming_checkpoint(model, out, compute_dtype, target_dtype, overwrite))
             net = session.model
         else:
-            net = load_model(model, dtype=compute_dtype, device="cpu")
+            net = load_model(model, dtype=compute_dtype, device="cpu", progress=progress)
         tokenizer = load_tokenizer(model)
         plan(net, ratio, planned_schedule, spread=spread, max_layer_ratio=max_layer_ratio,
              channel_multiple=channel_multiple)
@@ -313,7 +313,7 @@ def compare(
                                                 device=dev, progress=progress, texts_cache=cache).value, 3)
                 for spec in perplexity}
 
-    net = load_model(model, dtype=dt, device=dev)
+    net = load_model(model, dtype=dt, device=dev, progress=progress)
     rows = [{"method": "dense", "ratio": 0.0, "realised": 0.0, "params": sum(p.numel() for p in net.parameters()),
              "seconds": 0.0, "samples": 0, "ppl": evaluate(net)}]
     if generated_samples:  # sampled once from the dense model: every method prunes with the same sequences
@@ -325,7 +325,7 @@ def compare(
     del net
     for ratio in ratios:
         for built in pruners:
-            net = load_model(model, dtype=dt, device=dev)
+            net = load_model(model, dtype=dt, device=dev, progress=progress)
             pruner = get_method(built.options)  # a fresh method per run: its state starts empty
             name = pruner.name
             calib = pruner.gradient_calibration(ids, grad_samples)

@@ -26,7 +26,8 @@ def sampling_cache_bytes(config, batch: int, seqlen: int, dtype: torch.dtype) ->
     """Bytes of the key/value cache that sampling `batch` sequences of `seqlen` tokens fills at its end."""
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return config.num_hidden_layers * 2 * heads * head_dim * batch * seqlen * torch.empty((), dtype=dtype).element_size()
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return config.num_hidden_layers * 2 * heads * head_dim * batch * seqlen * itemsize
 
 
 def whole_model_need(model: nn.Module, device: torch.device, *, sampling_batch: int = 0, seqlen: int = 0,

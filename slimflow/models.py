@@ -6,6 +6,7 @@ slimflow; a source is a local path or a hub id by `slimflow.errors.looks_local`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -148,7 +149,8 @@ def check_architecture(model_type: str | None, where) -> None:
 
 
 def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = "auto",
-               device: str | torch.device | None = "auto", attn_implementation: str | None = None):
+               device: str | torch.device | None = "auto", attn_implementation: str | None = None,
+               progress: bool = True):
     """The one model loader of slimflow (CLI, `CausalLMModule` and its teacher, evaluation, GGUF export).
 
     - a slimflow pruned checkpoint (config.json with `slimflow_layer_widths`): `slimflow.load_pruned`, which
@@ -157,6 +159,7 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None 
     `dtype`: `auto` (float32 on CPU, bfloat16 on CUDA), a name (`bf16`, `float32`, ...) or a `torch.dtype`;
     `device`: `auto`, `cpu`, `cuda:N` or a `torch.device`. A missing path, a directory that is not a model and
     an architecture transformers cannot build are one-line `ModelLoadError`s. The model is returned in eval mode.
+    `progress=False` hides transformers' weight-loading bar.
     """
     from transformers import AutoModelForCausalLM
 
@@ -171,7 +174,8 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None 
         return load_pruned(path, dtype=torch_dtype, device=device, attn_implementation=attn_implementation)
     source = path if path.is_dir() else os.fspath(name_or_path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **extra)
+        with _loading_bar(progress):
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **extra)
     except OSError as err:
         if path.is_dir():
             raise ModelLoadError(f"cannot load the model in {path}: {str(err).strip().splitlines()[0]}") from err
@@ -180,6 +184,19 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None 
         raise ModelLoadError(f"cannot load {os.fspath(name_or_path)!r} as a causal LM: "
                              f"{str(err).strip().splitlines()[0]}") from err
     return model.to(device).eval()
+
+
+@contextlib.contextmanager
+def _loading_bar(show: bool):
+    """transformers' progress bars as asked for while loading, restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if show and was else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
 
 
 def load_tokenizer(source, pad_with_eos: bool = True):

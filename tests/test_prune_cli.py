@@ -101,3 +101,10 @@ def test_compare_prunes_every_method_on_the_same_data_and_writes_its_table(workd
     assert dense < slimgpt < magnitude  # OBS compensation beats plain magnitude on its own calibration text
     assert (workdir / "cmp" / "comparison.md").read_text().count("|") > 10
     assert (workdir / "cmp" / "comparison.png").stat().st_size > 1000
+
+
+def test_progress_false_shows_no_progress_bars(workdir, capsys):
+    capsys.readouterr()
+    run(workdir, "--ratio", "0.25", output="quiet")
+    err = capsys.readouterr().err
+    assert "it/s" not in err and "%|" not in err, err

@@ -70,7 +70,8 @@ def eval(  # noqa: A001 - the subcommand is called eval
     if samples < 0:
         raise InvalidValueError(f"--samples must be ≥ 0, got {samples}")
     check_model_source(model)
-    lm, tokenizer = load_model(model, dtype=dtype, device=device).eval(), load_tokenizer(model)
+    lm = load_model(model, dtype=dtype, device=device, progress=progress).eval()
+    tokenizer = load_tokenizer(model)
     metrics = evaluate_model(lm, tokenizer, ppl=ppl, tasks=tasks, limit=limit, batch_size=batch_size,
                              max_windows=max_windows, max_tokens=max_tokens, task_source=task_source,
                              data_dir=data_dir, progress=progress)
