@@ -363,6 +363,21 @@ def search_rows(num_samples: int, search_samples: int = 32, holdout: int = 16,
     return _spaced(pruning, rest), held_rows
 
 
+def copy_to(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """A deep copy of `model` whose parameters and buffers are on `device`, made there directly (no copy of the
+    weights where the model lives first: a candidate of a model kept on the CPU is pruned and scored on the
+    device without host copies or per-layer transfers). Shared tensors stay shared."""
+    device = torch.device(device)
+    memo: dict[int, torch.Tensor] = {}
+    for tensor in (*model.parameters(), *model.buffers()):
+        if id(tensor) in memo or tensor.device == device:
+            continue
+        moved = tensor.detach().to(device, copy=True)
+        memo[id(tensor)] = nn.Parameter(moved, requires_grad=tensor.requires_grad) \
+            if isinstance(tensor, nn.Parameter) else moved
+    return copy.deepcopy(model, memo)
+
+
 @contextmanager
 def _dense_on(model: nn.Module, device: torch.device | None):
     """The dense model moved to `device` once for the whole KL scoring, and home afterwards (None: not needed)."""
@@ -403,7 +418,7 @@ def search_plans(model: nn.Module, adapter: ModelAdapter, calibration: torch.Ten
     with _dense_on(model, device if score == "kl" else None) as dense:
         for name, plans in tqdm(list(candidates.items()), desc="scoring allocations", unit="plan",
                                 disable=not progress):
-            trial = copy.deepcopy(model)
+            trial = copy_to(model, device)
             prune_layers(trial, adapter, train, plans, method, device, batch_size, progress=False)
             scores[name] = holdout_score(trial.to(device), scored, batch_size, dense, context)
             del trial

@@ -250,3 +250,14 @@ def test_the_search_scores_at_the_context_it_is_given_and_refuses_bad_lengths():
         with pytest.raises(ScheduleError, match="score_context"):
             slimflow.prune(tiny_model("llama_gqa"), _ids(), 0.3, schedule="adaptive", progress=False,
                            schedule_options={"score_context": bad})
+
+
+def test_copy_to_is_a_deep_copy_with_shared_weights_still_shared():
+    model = tiny_model("llama", tie_word_embeddings=True)
+    trial = allocation.copy_to(model, "cpu")
+    assert trial is not model and trial.lm_head.weight is trial.model.embed_tokens.weight
+    for (name, a), (_, b) in zip(model.state_dict().items(), trial.state_dict().items()):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr(), name
+    with torch.no_grad():
+        trial.lm_head.weight.zero_()
+    assert model.lm_head.weight.abs().sum() > 0  # the original is untouched

@@ -193,3 +193,19 @@ def test_a_real_out_of_memory_error_becomes_one_line():
     message = out_of_memory_in(caught.value)
     assert message.startswith("out of memory on the GPU (tried to allocate ") and " free)" in message
     assert "\n" not in message
+
+
+def test_adaptive_prune_of_a_cpu_model_matches_the_same_model_on_the_gpu():
+    on_cpu = bigger("llama")
+    on_gpu = copy.deepcopy(on_cpu).cuda()
+    kwargs = dict(schedule="adaptive", device="cuda", progress=False, generated_samples=0)
+    a = slimflow.prune(on_cpu, calibration(16, 64), 0.3, **kwargs)
+    b = slimflow.prune(on_gpu, calibration(16, 64), 0.3, **kwargs)
+    assert all(p.device.type == "cpu" for p in on_cpu.parameters())
+    assert _decisions(a) == _decisions(b)
+    search_a, search_b = (r.settings["allocation"]["search"] for r in (a, b))
+    assert search_a["chosen"] == search_b["chosen"]
+    for name, score in search_a["scores"].items():
+        assert score == pytest.approx(search_b["scores"][name], rel=1e-4)
+    for pa, pb in zip(on_cpu.parameters(), on_gpu.parameters()):
+        assert rel(pa, pb.cpu()) < 1e-4
