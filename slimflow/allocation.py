@@ -107,15 +107,13 @@ def residual_gradient_energy(model: nn.Module, adapter: ModelAdapter, calibratio
     for i, layer in enumerate(layers):
         handles.append(adapter.post_attention_norm(layer).register_forward_pre_hook(on_mid(i)))
         handles.append(layer.register_forward_hook(on_out(i)))
-    home = next(model.parameters()).device
-    target = torch.device(device) if device is not None else home
+    target = torch.device(device) if device is not None else next(model.parameters()).device
     try:
-        model.to(target)
-        lm_backward_passes(model, calibration, batch_size, target)
+        with _moved_to(model, target):
+            lm_backward_passes(model, calibration, batch_size, target)
     finally:
         for h in handles:
             h.remove()
-        model.to(home)
     return [(a / max(tokens[0], 1), b / max(tokens[0], 1)) for a, b in sums]
 
 
@@ -379,8 +377,9 @@ def copy_to(model: nn.Module, device: torch.device | str) -> nn.Module:
 
 
 @contextmanager
-def _dense_on(model: nn.Module, device: torch.device | None):
-    """The dense model moved to `device` once for the whole KL scoring, and home afterwards (None: not needed)."""
+def _moved_to(model: nn.Module, device: torch.device | None):
+    """`model` moved to `device` for a whole-model pass (the gradient pass, the KL scoring) and home afterwards
+    (None: not needed, yields None)."""
     if device is None:
         yield None
         return
@@ -415,7 +414,7 @@ def search_plans(model: nn.Module, adapter: ModelAdapter, calibration: torch.Ten
     if scored is None:
         scored = calibration[held_rows]
     scores = {}
-    with _dense_on(model, device if score == "kl" else None) as dense:
+    with _moved_to(model, device if score == "kl" else None) as dense:
         for name, plans in tqdm(list(candidates.items()), desc="scoring allocations", unit="plan",
                                 disable=not progress):
             trial = copy_to(model, device)
