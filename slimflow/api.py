@@ -327,7 +327,7 @@ def _check_whole_model_passes(model, device, schedule, schedule_options, generat
     if adaptive and not search and not generated_samples and options.get("normalize", "gradient") != "gradient":
         return  # the cost curves are measured one layer at a time
     check_whole_model_fits(model, device, what, sampling_batch=min(SAMPLING_BATCH, generated_samples or 0),
-                           seqlen=seqlen, search_copy=bool(search))
+                           seqlen=seqlen, search_copy=bool(search), adaptive=adaptive)
 
 
 def _with_sampled(model, calibration, count, seed, device, dp, layer_store, progress, times) -> torch.Tensor:

@@ -46,10 +46,11 @@ def whole_model_need(model: nn.Module, device: torch.device, *, sampling_batch: 
 
 
 def check_whole_model_fits(model: nn.Module, device: torch.device, what: str, *, sampling_batch: int = 0,
-                           seqlen: int = 0, search_copy: bool = False, free: int | None = None) -> None:
+                           seqlen: int = 0, search_copy: bool = False, free: int | None = None,
+                           adaptive: bool = True) -> None:
     """Raise `InsufficientMemoryError` if `whole_model_need` exceeds the free memory of the CUDA `device`
-    (`free`: that amount instead of asking the device). Other devices are not checked (host memory is the
-    loader's concern)."""
+    (`free`: that amount instead of asking the device; `adaptive`: the passes are the adaptive schedule's, so a
+    fixed schedule is one of the fixes). Other devices are not checked (host memory is the loader's concern)."""
     if device.type != "cuda":
         return
     need = whole_model_need(model, device, sampling_batch=sampling_batch, seqlen=seqlen, search_copy=search_copy)
@@ -67,7 +68,8 @@ def check_whole_model_fits(model: nn.Module, device: torch.device, what: str, *,
     if need["cache"]:
         fixes.append(f"set generated_samples to 0 (--generated-samples 0; then about "
                      f"{(need['weights'] + need['copy']) / GIB:.1f} GiB)")
-    fixes.append("use a fixed schedule such as log_increase (one layer at a time on the device)")
+    if adaptive:
+        fixes.append("use a fixed schedule such as log_increase (one layer at a time on the device)")
     if need["copy"]:
         fixes.append("keep the model on the CPU (it is moved to the device for each whole-model pass)")
     fixes.append("or a device with more free memory")

@@ -74,8 +74,9 @@ def test_prune_refuses_a_device_too_small_before_any_work(monkeypatch):
         slimflow.prune(model, _ids(), 0.3, schedule="adaptive", device=CUDA, progress=False)
     need = whole_model_need(model, CUDA, sampling_batch=8, seqlen=16)["total"]
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (need - 1, 10 * need))
-    with pytest.raises(InsufficientMemoryError, match="sampling calibration sequences runs the whole model"):
+    with pytest.raises(InsufficientMemoryError, match="sampling calibration sequences runs the whole model") as caught:
         slimflow.prune(model, _ids(), 0.3, device=CUDA, progress=False, generated_samples=8)
+    assert "--generated-samples 0" in str(caught.value) and "log_increase" not in str(caught.value)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
