@@ -69,34 +69,33 @@ def require_existing(source: str | os.PathLike | None, what: str) -> None:
 FOREIGN_USER_ERRORS = frozenset({"lightning.fabric.utilities.exceptions.MisconfigurationException"})
 
 
+def _chain(error: BaseException | None):
+    """`error` and the errors it was raised from (`__cause__`, else `__context__`), each once."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        yield error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+
+
 def user_error_in(error: BaseException) -> BaseException | None:
     """The user error (`SlimflowUserError`, or a library's configuration error in `FOREIGN_USER_ERRORS`) that
     `error` is or was raised from (frameworks wrap the errors of the classes they build)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, SlimflowUserError) or any(
-                f"{cls.__module__}.{cls.__qualname__}" in FOREIGN_USER_ERRORS for cls in type(error).__mro__):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
+    return next((e for e in _chain(error) if isinstance(e, SlimflowUserError) or any(
+        f"{cls.__module__}.{cls.__qualname__}" in FOREIGN_USER_ERRORS for cls in type(e).__mro__)), None)
 
 
 def out_of_memory_in(error: BaseException) -> str | None:
     """A one-line message for a CUDA out-of-memory error that `error` is or was raised from (None otherwise):
     what torch tried to allocate and what was free, and what to lower. Matched by class name, without importing
     torch."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if any(cls.__name__ == "OutOfMemoryError" for cls in type(error).__mro__):
-            text = str(error)
-            tried = re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", text)
-            free = re.search(r"total capacity of ([\d.]+ [KMGT]?i?B) of which ([\d.]+ [KMGT]?i?B) is free", text)
-            detail = "; ".join(filter(None, [tried and f"tried to allocate {tried[1]}",
-                                             free and f"{free[2]} of {free[1]} free"])) or text.split("\n")[0][:120]
-            return (f"out of memory on the GPU ({detail}): lower the batch size (--batch-size) or the sequence "
-                    "length, set --generated-samples 0, or use a device with more memory; --debug shows the "
-                    "traceback")
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
+    oom = next((e for e in _chain(error) if any(c.__name__ == "OutOfMemoryError" for c in type(e).__mro__)), None)
+    if oom is None:
+        return None
+    text = str(oom)
+    tried = re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", text)
+    free = re.search(r"total capacity of ([\d.]+ [KMGT]?i?B) of which ([\d.]+ [KMGT]?i?B) is free", text)
+    detail = "; ".join(filter(None, [tried and f"tried to allocate {tried[1]}",
+                                     free and f"{free[2]} of {free[1]} free"])) or text.split("\n")[0][:120]
+    return (f"out of memory on the GPU ({detail}): lower the batch size (--batch-size) or the sequence length, set "
+            "--generated-samples 0, or use a device with more memory; --debug shows the traceback")
