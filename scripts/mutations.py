@@ -118,6 +118,12 @@ MUTATIONS = [
      ["tests/test_device_memory.py"]),
     ("out-of-memory errors keep their traceback", "slimflow/cli.py",
      "user_error_in(error) or out_of_memory_in(error)", "user_error_in(error)", ["tests/test_device_memory.py"]),
+    ("selection study: domains weighed by their row counts", "benchmarks/selection_study.py",
+     "value = [(_mean(scores[n], text) + _mean(scores[n], sampled)) / 2 for n in names]",
+     "value = [_mean(scores[n], text + sampled) for n in names]", ["tests/test_selection_rules.py"]),
+    ("selection study: worst rank sum kept", "benchmarks/selection_study.py",
+     "value = [x + y for x, y in zip(a, b)]", "value = [-(x + y) for x, y in zip(a, b)]",
+     ["tests/test_selection_rules.py"]),
 ]
 
 
