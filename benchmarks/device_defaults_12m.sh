@@ -3,12 +3,14 @@
 # (quality_grid plan `defaults`), every row also measured on the validation books of part-007. The models are
 # pretrained here first; then four processes per model (ratio × seed 0 / seeds 1-2). The rows come back merged,
 # one JSON file per model, and the logs in one archive.
-# Expects .carry/tok, .carry/corpus (xz parts 000-006), .carry/grid_data.safetensors, .carry/books.safetensors.
+# Expects .carry/tok, .carry/corpus (xz parts 000-006), .carry/grid_data.safetensors, .carry/books.safetensors;
+# With SCORING="'<file>'" (a Python string literal; quality_grid.prepare_scoring) the adaptive search scores on
+# those windows, as `slimflow prune` does.
 source benchmarks/device_lib.sh
-mkdir -p runs/grids
+rm -rf runs/grids; mkdir -p runs/grids
 unpack_corpus
 grid() {  # name models ratios seeds budget
-  python3 -c "from benchmarks.quality_grid import run; run(data='.carry/grid_data.safetensors', books='.carry/books.safetensors', out='runs/grids/$1', models=$2, plan='defaults', ratios=$3, seeds=$4, budget_s=$5, write_markdown=False)" > runs/grids/$1.log 2>&1
+  python3 -c "from benchmarks.quality_grid import run; run(data='.carry/grid_data.safetensors', books='.carry/books.safetensors', scoring=${SCORING:-None}, out='runs/grids/$1', models=$2, plan='defaults', ratios=$3, seeds=$4, budget_s=$5, write_markdown=False)" > runs/grids/$1.log 2>&1
 }
 tokenize_corpus runs/tok runs/grids
 twelve() {  # preset steps name

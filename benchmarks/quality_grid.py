@@ -75,6 +75,40 @@ def prepare(*, out: str, tokenizer: str = "../shared/models/ref-llama-27m", corp
     print({k: tuple(v.shape) for k, v in tensors.items()})
 
 
+def scoring_key(calibration: str, seed: int) -> str:
+    """The scoring windows of a cell: its calibration tensor's key and the cell's seed (the tail is one text
+    for every seed, its scoring windows are not)."""
+    return f"score:{calibration}:{seed}"
+
+
+def prepare_scoring(*, out: str, data: str, tokenizer: str = "../shared/models/ref-llama-27m",
+                    corpus: str = CORPUS, windows: int | None = None, only: list[str] | None = None) -> None:
+    """The adaptive search's scoring windows for every calibration set of `data` (written by `prepare`) and
+    seeds 0-2: what `slimflow prune --calibration <corpus> --skip-tokens 400000 --seed <s>` draws with
+    `slimflow.data.calibration.scoring_ids` (random windows after token 400,000 that overlap no calibration
+    row, so never the evaluation text). `windows`: per set (default `slimflow.api.scoring_windows` of its length,
+    as `slimflow prune`); `only`: just these calibration keys (e.g. `["tail-128x512-s0"]`)."""
+    from safetensors.torch import load_file, save_file
+
+    from slimflow.api import scoring_windows
+    from slimflow.data.calibration import scoring_ids
+    from slimflow.models import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    tensors = {}
+    for key, ids in load_file(data).items():
+        if key in ("eval", "holdout") or (only is not None and key not in only):
+            continue
+        seeds = (0, 1, 2) if key.startswith("tail") else (int(key.rsplit("-s", 1)[1]),)
+        for seed in seeds:
+            count = windows or scoring_windows(ids.shape[1])
+            found = scoring_ids(corpus, tok, count, ids.shape[1], seed, SKIP, avoid=ids.long())
+            tensors[scoring_key(key, seed)] = found.to(torch.int16 if int(found.max()) < 2**15 else torch.int32)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, out)
+    print({k: tuple(v.shape) for k, v in tensors.items()})
+
+
 def drift_cells(models: list[str], reference: str = "ref-llama-27m") -> list[dict]:
     """Drift correction against none, for every schedule shape, model, ratio and sampling; then seeds."""
     out = []
@@ -353,7 +387,8 @@ def _perplexity(model, ids: torch.Tensor, windows: int, device) -> float:
 def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", budget_s: float = 1e9,
         windows: int = WINDOWS, groups: list[str] | None = None, reference: str = "ref-llama-27m",
         gqa: str | None = None, plan: str = "default", ratios: list[float] | None = None,
-        seeds: list[int] | None = None, books: str | None = None, write_markdown: bool = True) -> list[dict]:
+        seeds: list[int] | None = None, books: str | None = None, write_markdown: bool = True,
+        scoring: str | None = None) -> list[dict]:
     """Run the grid; `models` maps a short name to a model directory.
 
     Args:
@@ -375,6 +410,9 @@ def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", bu
         books: validation windows per book (`allocation_study prepare`); each row then also records the perplexity
             on them, every book weighed alike, with 128 and 512 tokens of context (`books128`, `books512`).
         write_markdown: also write grid.md beside grid.json (off where a transfer counts files).
+        scoring: the adaptive search's scoring windows (`prepare_scoring`), passed to `slimflow.prune(scoring=...)`
+            for the cells of real calibration text, as `slimflow prune` draws them; None: the search holds out
+            calibration rows (what the grids before these windows did).
     """
     from safetensors.torch import load_file
 
@@ -388,6 +426,7 @@ def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", bu
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
     val = {k: v.long() for k, v in load_file(books).items()} if books else None
+    windows_of = {k: v.long() for k, v in load_file(scoring).items()} if scoring else {}
     dense, rows = {}, []
     for name, path in models.items():
         if not Path(path).is_dir():
@@ -422,13 +461,18 @@ def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", bu
         calibration = _calibration(cell | ({"generated": 0} if via_api else {}), tensors, dense[cell["model"]],
                                    sampled, dev, plan)
         model = copy.deepcopy(dense[cell["model"]]["model"])
+        score_windows = windows_of.get(scoring_key(calibration_key(cell["sampling"], cell["num_samples"],
+                                                                   cell["seqlen"], 0 if cell["sampling"] == "tail"
+                                                                   else cell["seed"]), cell["seed"]))
         t = time.perf_counter()
         row = dict(cell)
+        if score_windows is not None and cell["schedule"] == "adaptive":
+            row["scoring_windows"] = int(score_windows.shape[0])
         try:
             report = slimflow.prune(model, calibration, ratio=cell["ratio"], schedule=cell["schedule"],
                                     method=slimgpt(damp=cell["damp"]), device=dev,
                                     progress=False, schedule_options=cell["options"] or None, batch_size=16,
-                                    spread=cell["spread"], correct_drift=cell["drift"],
+                                    spread=cell["spread"], correct_drift=cell["drift"], scoring=score_windows,
                                     **({"generated_samples": cell["generated"], "seed": cell["seed"]}
                                        if via_api else {"generated_samples": 0}))  # sampled rows are in `calibration`
             if dev.type == "cuda":
@@ -521,4 +565,4 @@ def _seed_spread(rows: list[dict]) -> dict:
 if __name__ == "__main__":
     from jsonargparse import auto_cli
 
-    auto_cli({"prepare": prepare, "run": run})
+    auto_cli({"prepare": prepare, "prepare_scoring": prepare_scoring, "run": run})

@@ -99,7 +99,7 @@ MUTATIONS = [
      "return max(1, min(ADAPTIVE_SAMPLES, ADAPTIVE_SAMPLED_TOKENS // max(seqlen, 1)))",
      "return 0", ["tests/test_allocation_search.py"]),
     ("the search's scoring rows inform the cost plans", "slimflow/allocation.py",
-     "    if searching and not generated:", "    if False:", ["tests/test_allocation_search.py"]),
+     "    if searching and not elsewhere:", "    if False:", ["tests/test_allocation_search.py"]),
     ("text scoring holds out among every row", "slimflow/allocation.py",
      "_spaced(held, rows if text_rows is None else rows[:text_rows])", "_spaced(held, rows)",
      ["tests/test_allocation_search.py"]),
@@ -124,6 +124,14 @@ MUTATIONS = [
     ("selection study: worst rank sum kept", "benchmarks/selection_study.py",
      "value = [x + y for x, y in zip(a, b)]", "value = [-(x + y) for x, y in zip(a, b)]",
      ["tests/test_selection_rules.py"]),
+    ("scoring windows may overlap the calibration rows", "slimflow/data/calibration.py",
+     "for row in (avoid.tolist() if avoid is not None else []):", "for row in []:",
+     ["tests/test_scoring_windows.py"]),
+    ("source scoring still holds out calibration rows", "slimflow/allocation.py",
+     "elsewhere = generated or source is not None", "elsewhere = generated", ["tests/test_scoring_windows.py"]),
+    ("source scoring windows ignored", "slimflow/allocation.py",
+     'source = scoring if score_on == "source" and scoring is not None',
+     'source = None if score_on == "source" and scoring is not None', ["tests/test_scoring_windows.py"]),
 ]
 
 

@@ -35,7 +35,7 @@ OPTIONS = ("normalize", "points", "search", "search_samples", "holdout", "score"
 FAMILIES = ("cost", "fixed", "blend")  # candidate families the search scores by default (`candidate_plans`)
 ALL_FAMILIES = ("cost", "fixed", "split", "blend", "flat")
 SCORES = ("loss", "kl")
-SCORE_ON = ("calibration", "text", "generated")
+SCORE_ON = ("source", "calibration", "text", "generated")
 
 
 def check_schedule_options(schedule: str | None, options: dict | None) -> None:
@@ -53,7 +53,7 @@ def check_schedule_options(schedule: str | None, options: dict | None) -> None:
     if options.get("score", "loss") not in SCORES:
         raise ScheduleError(f"unknown score={options['score']!r} for the adaptive schedule; choose one of "
                             f"{', '.join(SCORES)}")
-    if options.get("score_on", "calibration") not in SCORE_ON:
+    if options.get("score_on", "source") not in SCORE_ON:
         raise ScheduleError(f"unknown score_on={options['score_on']!r} for the adaptive schedule; choose one of "
                             f"{', '.join(SCORE_ON)}")
     families = options.get("families", FAMILIES)
@@ -313,26 +313,34 @@ def holdout_score(model: nn.Module, ids: torch.Tensor, batch_size: int = 8, dens
     are."""
     if context:
         return sum(holdout_score(model, context_windows(ids, w), batch_size, dense) for w in context) / len(context)
+    rows = row_scores(model, ids, batch_size, dense)
+    return sum(rows) / max(len(rows), 1)
+
+
+@torch.no_grad()
+def row_scores(model: nn.Module, ids: torch.Tensor, batch_size: int = 8, dense: nn.Module | None = None) -> list[float]:
+    """`holdout_score` of each row of `ids` alone (rows of one length: their mean is the score of all)."""
     home = next(model.parameters()).device
-    total, count = 0.0, 0
+    out: list[float] = []
     for start in range(0, ids.shape[0], batch_size):
         batch = ids[start : start + batch_size].to(home)
         logp = torch.log_softmax(model(input_ids=batch, use_cache=False).logits[:, :-1].float(), dim=-1)
         if dense is None:
-            total += -float(logp.gather(-1, batch[:, 1:, None]).sum())
+            per_token = -logp.gather(-1, batch[:, 1:, None])[..., 0]
         else:
             ref = dense(input_ids=batch.to(next(dense.parameters()).device), use_cache=False).logits[:, :-1]
             ref = torch.log_softmax(ref.float().to(home), dim=-1)
-            total += float((ref.exp() * (ref - logp)).sum())
-        count += batch[:, 1:].numel()
-    return total / max(count, 1)
+            per_token = (ref.exp() * (ref - logp)).sum(-1)
+        out += per_token.double().mean(-1).tolist()
+    return out
 
 
 def search_split(num_samples: int, search_samples: int = 32, holdout: int = 16,
                  generated: bool = False, text_rows: int | None = None) -> tuple[int, int] | None:
     """How many calibration sequences prune and how many score each candidate (held out from its pruning);
     None when the calibration set is too small to hold any out (fewer than 4 sequences). With `generated`
-    the scored sequences are sampled from the model, and every calibration sequence may prune. `text_rows`:
+    the candidates are scored on other sequences (sampled from the model, or windows of the source), and every
+    calibration sequence may prune. `text_rows`:
     hold out only among the first `text_rows` rows (the real text before sampled sequences), a quarter at most."""
     if generated:
         return min(search_samples, num_samples), holdout
@@ -351,7 +359,7 @@ def search_rows(num_samples: int, search_samples: int = 32, holdout: int = 16,
                 generated: bool = False, text_rows: int | None = None) -> tuple[list[int], list[int]]:
     """Which calibration rows prune each candidate and which score it: both evenly spread over the set, so that
     each represents the whole of it (contiguous windows of one text, real text followed by sampled sequences),
-    and disjoint. With `generated` no row is held out (the scored sequences are sampled); with `text_rows` the
+    and disjoint. With `generated` no row is held out (the scored sequences come from elsewhere); with `text_rows` the
     scoring rows are spread over the first `text_rows` rows only (the pruning rows still over all the rest)."""
     pruning, held = search_split(num_samples, search_samples, holdout, generated, text_rows)
     rows = list(range(num_samples))
@@ -395,7 +403,8 @@ def search_plans(model: nn.Module, adapter: ModelAdapter, calibration: torch.Ten
                  candidates: dict[str, list[LayerPlan]], method, device: torch.device, batch_size: int = 8,
                  search_samples: int = 32, holdout: int = 16, score: str = "loss",
                  progress: bool = True, scored: torch.Tensor | None = None,
-                 text_rows: int | None = None, context: list[int] | None = None) -> tuple[str, dict[str, float]]:
+                 text_rows: int | None = None, context: list[int] | None = None,
+                 per_row: dict | None = None) -> tuple[str, dict[str, float]]:
     """The candidate plan whose pruned model predicts held-out calibration sequences best.
 
     Each candidate prunes a copy of `model` with `search_samples` calibration sequences (the same method,
@@ -404,24 +413,32 @@ def search_plans(model: nn.Module, adapter: ModelAdapter, calibration: torch.Ten
     divergence of its next-token distributions from the dense model's (`"kl"`; on the 27M reference model it
     prefers the cost plans, which perturb the dense model least, where held-out perplexity prefers a fixed
     shape: docs/results.md). Ties keep the earlier candidate. Returns the name and every score. For `kl` the
-    dense model is moved to `device` for the scoring and back. `scored`: score on these sequences instead (e.g.
-    sampled from the dense model); then no calibration sequence is held out. `text_rows`: hold out only among
+    dense model is moved to `device` for the scoring and back. `scored`: score on these sequences instead (windows
+    of the calibration source, or sequences sampled from the dense model); then no calibration sequence is held
+    out. `text_rows`: hold out only among
     the first `text_rows` calibration rows (`search_rows`). `context`: score at these window lengths
-    (`holdout_score`; default the whole rows).
+    (`holdout_score`; default the whole rows). `per_row`: filled with each candidate's score of every scored
+    row (not with `context`).
     """
     train_rows, held_rows = search_rows(calibration.shape[0], search_samples, holdout, scored is not None, text_rows)
     train = calibration[train_rows]
     if scored is None:
         scored = calibration[held_rows]
-    scores = {}
+    scores, rows = {}, {}
     with _moved_to(model, device if score == "kl" else None) as dense:
         for name, plans in tqdm(list(candidates.items()), desc="scoring allocations", unit="plan",
                                 disable=not progress):
-            trial = copy_to(model, device)
+            trial = copy_to(model, device).to(device)
             prune_layers(trial, adapter, train, plans, method, device, batch_size, progress=False)
-            scores[name] = holdout_score(trial.to(device), scored, batch_size, dense, context)
+            if context:
+                scores[name] = holdout_score(trial, scored, batch_size, dense, context)
+            else:
+                rows[name] = row_scores(trial, scored, batch_size, dense)
+                scores[name] = sum(rows[name]) / len(rows[name])
             del trial
     best = min(scores, key=lambda k: (scores[k], list(scores).index(k)))
+    if per_row is not None:
+        per_row.update(rows)
     return best, scores
 
 
@@ -465,29 +482,36 @@ def adaptive_plan(model: nn.Module, adapter: ModelAdapter, calibration: torch.Te
                   batch_size: int = 8, damp: float = 0.01, normalize: str = "gradient", points: int = 64,
                   exact_head_score: bool = False, progress: bool = True,
                   times: dict | None = None, search: bool = True, search_samples: int = 32, holdout: int = 16,
-                  score: str = "loss", score_on: str = "calibration", score_context: list[int] | None = None,
+                  score: str = "loss", score_on: str = "source", score_context: list[int] | None = None,
                   families=FAMILIES,
                   fixed_plans: dict[str, list[LayerPlan]] | None = None,
-                  method=None, text_rows: int | None = None) -> tuple[list[LayerPlan], dict]:
+                  method=None, text_rows: int | None = None,
+                  scoring: torch.Tensor | None = None) -> tuple[list[LayerPlan], dict]:
     """The adaptive schedule's per-layer plan for `target_params` parameters, and what it measured.
 
     With `search` (default) the plans of `families` (`candidate_plans`: by default those from the measured costs,
     both normalisations, and `fixed_plans`, the fixed shapes at the same budget) are candidates, and
-    `search_plans` keeps the one that scores best on held-out calibration sequences. Those rows inform no
-    candidate: the cost curves and gradient energies are measured without them. Without the search (or without a
-    method to prune the candidates with) the cost plan of `normalize`, measured on every row, is the answer.
+    `search_plans` keeps the one that scores best on text no candidate saw. With `score_on="source"` (default)
+    that is `scoring`, windows of the calibration source that no calibration row overlaps
+    (`slimflow.data.calibration.scoring_ids`), and every calibration row informs the candidates; without
+    `scoring` (a caller who passes only a tensor) and with `"calibration"`, `holdout` calibration rows are held
+    out instead, and the cost curves and gradient energies are measured without them. Without the search (or
+    without a method to prune the candidates with) the cost plan of `normalize`, measured on every row, is the
+    answer.
 
     `text_rows`: how many leading calibration rows are real text (the rest sampled from the model); with
     `score_on="text"` the scoring rows are held out among those only. Where every row or none is text,
-    `"text"` scores as `"calibration"` does. `score_context`: window lengths the candidates are scored at
-    (`holdout_score`; default: the whole calibration rows)."""
+    `"text"` scores as `"calibration"` does. `"generated"`: score on `holdout` sequences sampled from the model.
+    `score_context`: window lengths the candidates are scored at (`holdout_score`; default: whole rows)."""
     t = time.perf_counter()
     generated = score_on == "generated"
+    source = scoring if score_on == "source" and scoring is not None and scoring.shape[0] > 0 else None
+    elsewhere = generated or source is not None  # scored on other sequences: no calibration row is held out
     pool = text_rows if score_on == "text" and text_rows and text_rows < calibration.shape[0] else None
-    split = search_split(calibration.shape[0], search_samples, holdout, generated, pool)
+    split = search_split(calibration.shape[0], search_samples, holdout, elsewhere, pool)
     searching = search and method is not None and split is not None
     measured = calibration
-    if searching and not generated:  # the rows that score the candidates inform none of them, cost plans included
+    if searching and not elsewhere:  # the rows that score the candidates inform none of them, cost plans included
         held = set(search_rows(calibration.shape[0], search_samples, holdout, text_rows=pool)[1])
         measured = calibration[[r for r in range(calibration.shape[0]) if r not in held]]
     want_gradients = normalize == "gradient" or searching
@@ -502,17 +526,20 @@ def adaptive_plan(model: nn.Module, adapter: ModelAdapter, calibration: torch.Te
         candidates = candidate_plans(heads, channels, energies, gradients, shapes, target_params, normalize,
                                      fixed_plans or {}, channel_multiple, max_ratio, families, plans)
         candidates = candidates or {f"cost:{normalize}": plans}  # no fixed shape fits the floors
-        scored = None
+        scored = source
         if generated:
             from slimflow.data.generated import sample_sequences
             scored = sample_sequences(model, holdout, calibration.shape[1], device=device, batch_size=batch_size,
                                       progress=progress)
+        per_row: dict[str, list[float]] = {}
         chosen, scores = search_plans(model, adapter, calibration, candidates, method, device, batch_size,
-                                      search_samples, holdout, score, progress, scored, pool, score_context)
+                                      search_samples, holdout, score, progress, scored, pool, score_context, per_row)
         plans = candidates[chosen]
+        used = score_on if score_on != "source" or source is not None else "calibration"
         info["search"] = {"chosen": chosen, "score": score, "scores": scores,
-                          "score_on": score_on, "score_context": score_context, "families": list(families),
-                          "split": list(split)}
+                          "score_on": used, "score_context": score_context, "families": list(families),
+                          "split": [split[0], int(source.shape[0]) if source is not None else split[1]],
+                          "row_scores": {k: [round(x, 5) for x in v] for k, v in per_row.items()}}
     if times is not None:
         times["allocation"] = round(time.perf_counter() - t, 4)
     return plans, info

@@ -171,6 +171,7 @@ def prune(
     correct_drift: bool = False,
     generated_samples: int | None = None,
     seed: int = 0,
+    scoring: torch.Tensor | None = None,
 ) -> PruneReport:
     """Physically remove head units and FFN channels from `model`, in place.
 
@@ -221,6 +222,11 @@ def prune(
             (default): with the adaptive schedule 256 sequences (fewer beyond 512 tokens: 256 × 512 tokens in
             all, `default_generated_samples`), part of its quality setting; else 0.
         seed: seed of the sampled sequences.
+        scoring: `[n, seqlen]` token ids of held-out text from the calibration source, none of it in
+            `calibration`, that the adaptive schedule scores its candidate allocations on
+            (`slimflow.data.calibration.scoring_ids`; `slimflow prune` and the `Calibration` callback draw
+            `scoring_windows(seqlen)` of them: 128 × 512 tokens). None: the search holds out calibration rows
+            instead. Other schedules ignore it.
     """
     start = time.perf_counter()
     adapter = get_adapter(model)
@@ -235,6 +241,10 @@ def prune(
     pruner = get_method(method, **(method_kwargs or {}))
     dp = distributed.resolve(data_parallel, process_group)
     dp.check_same(calibration)
+    if scoring is not None:
+        if scoring.dim() != 2:
+            raise ValueError(f"scoring must be a [n, seqlen] tensor of token ids, got {tuple(scoring.shape)}")
+        dp.check_same(scoring)
     pruner.data_parallel = dp
     progress = progress and dp.rank == 0
     schedule = pruner.resolve_schedule(schedule)
@@ -274,7 +284,7 @@ def prune(
                         batch_size, progress, times, replay_attention, dp, layer_store,
                         max_layer_ratio, correct_drift)
         results = _run_hooks(pruner, engine, budget, layer_plan, schedule, schedule_options, allocation,
-                             int(calibration.shape[0]) - generated_samples)
+                             int(calibration.shape[0]) - generated_samples, scoring)
     finally:
         model.train(was_training)
     if use_cache is not None:
@@ -295,6 +305,22 @@ def prune(
         settings["allocation"] = allocation_info
     return PruneReport(settings, params_before, surgery.count_parameters(model), reference_params, ratio, results,
                        time.perf_counter() - start, times.as_dict())
+
+
+SCORING_TOKENS = 128 * 512  # tokens of the calibration source the adaptive search scores on (docs/results.md)
+
+
+def scoring_windows(seqlen: int) -> int:
+    """How many windows of `seqlen` tokens of the calibration source the adaptive search scores its candidates
+    on: `SCORING_TOKENS` in all (128 of 512 tokens, 32 of 2048), 16 at least."""
+    return max(16, SCORING_TOKENS // max(seqlen, 1))
+
+
+def searches(schedule: str | None, options: dict | None) -> bool:
+    """Whether the adaptive schedule with these options scores candidates on windows of the calibration source
+    (so the caller that reads the source should draw them: `slimflow.data.calibration.scoring_ids`)."""
+    options = options or {}
+    return schedule == ADAPTIVE and options.get("search", True) and options.get("score_on", "source") == "source"
 
 
 ADAPTIVE_SAMPLES = 256  # sequences of up to 512 tokens the adaptive schedule samples by default (docs/results.md)
@@ -347,9 +373,11 @@ def _with_sampled(model, calibration, count, seed, device, dp, layer_store, prog
 
 
 def _run_hooks(pruner: PruningMethod, engine: Engine, budget: Budget, layer_plan: Plan, schedule: str | None,
-               schedule_options: dict | None, allocation: dict, text_rows: int) -> list[LayerResult]:
+               schedule_options: dict | None, allocation: dict, text_rows: int,
+               scoring: torch.Tensor | None = None) -> list[LayerResult]:
     """The method's `prepare`, `allocate` and `run`; the schedule's widths are computed only if `allocate` asks.
-    `text_rows`: how many leading calibration rows are the caller's text (the rest sampled from the model)."""
+    `text_rows`: how many leading calibration rows are the caller's text (the rest sampled from the model);
+    `scoring`: the held-out text the adaptive search scores on."""
     times = engine.times
     t = time.perf_counter()
     pruner.prepare(engine.model, engine.adapter, engine.shard, budget, engine.device, engine.batch_size)
@@ -365,7 +393,7 @@ def _run_hooks(pruner: PruningMethod, engine: Engine, budget: Budget, layer_plan
             engine.model, engine.adapter, engine.calibration, budget.shapes, budget.target_params,
             budget.channel_multiple, budget.max_layer_ratio, engine.device, engine.batch_size, progress=engine.progress,
             times=times.extra, fixed_plans=fixed, method=pruner if engine.store is None else None,
-            text_rows=text_rows, **settings,
+            text_rows=text_rows, scoring=scoring, **settings,
             **(schedule_options or {}))
         return layers
 

@@ -57,7 +57,8 @@ def prune_command(
         num_samples: number of calibration sequences.
         seqlen: tokens per calibration sequence.
         sampling: random (seeded windows) or tail (consecutive windows from the end of the text).
-        skip_tokens: ignore this many leading tokens of the calibration text (random sampling).
+        skip_tokens: ignore this many leading tokens of the calibration text (random sampling, and the windows
+            the adaptive schedule scores its candidates on).
         seed: seed of the calibration sampling (and of the sampled sequences); pruning is deterministic for a
             given seed.
         generated_samples: add this many sequences sampled from the model itself (from its BOS token, seqlen
@@ -71,7 +72,9 @@ def prune_command(
         channel_multiple: keep each FFN width a multiple of this (default: 64 for FFNs of 4096+ channels, else 1).
         schedule_options: options of the adaptive schedule: search (default true), search_samples (32), holdout
             (16), score (loss or kl), normalize (gradient, residual, none), points (64), families (candidate
-            plans: cost, fixed, blend by default; split, flat), score_on (calibration, text, generated),
+            plans: cost, fixed, blend by default; split, flat), score_on (source: other windows of the
+            calibration text, 128 × 512 tokens, that no calibration sequence overlaps, the default; calibration: held-out
+            calibration sequences; text, generated),
             score_context (window lengths to score at, e.g. [128, 512]); e.g. '{"search": false}'.
         batch_size: calibration sequences per forward pass.
         device: where layers are processed: auto (CUDA if present), cpu, cuda, cuda:1, ...
@@ -90,10 +93,10 @@ def prune_command(
     import torch
 
     from slimflow.algorithms.schedules import ADAPTIVE, SCHEDULES, ScheduleError
-    from slimflow.api import default_generated_samples, plan
+    from slimflow.api import default_generated_samples, plan, scoring_windows, searches
     from slimflow.api import prune as run_prune
     from slimflow.checkpoint import save_pruned
-    from slimflow.data.calibration import calibration_ids, check_calibration_options
+    from slimflow.data.calibration import calibration_ids, check_calibration_options, scoring_ids
     from slimflow.device_memory import weight_bytes
     from slimflow.errors import require_existing
     from slimflow.methods import get_method
@@ -155,15 +158,20 @@ def prune_command(
         plan(net, ratio, planned_schedule, spread=spread, max_layer_ratio=max_layer_ratio,
              channel_multiple=channel_multiple)
         ids = calibration_ids(calibration, tokenizer, num_samples, seqlen, seed, sampling, skip_tokens)
+        scoring = None
+        if searches(pruner.resolve_schedule(schedule), schedule_options):
+            scoring = scoring_ids(calibration, tokenizer, scoring_windows(seqlen), seqlen, seed, skip_tokens,
+                                  avoid=ids)
         if not stream and dev.type == "cuda" and torch.cuda.mem_get_info(dev)[0] > 2 * weight_bytes(net):
             net.to(dev)  # room for the model and the adaptive search's copy; else it stays on the CPU
         report = run_prune(net, ids, ratio, schedule, pruner, spread=spread, max_layer_ratio=max_layer_ratio,
                            channel_multiple=channel_multiple, batch_size=batch_size, device=dev, progress=progress,
                            schedule_options=schedule_options, generated_samples=generated_samples, seed=seed,
-                           layer_store=session.layers if stream else None)
+                           layer_store=session.layers if stream else None, scoring=scoring)
         info = report.to_dict()
         info["calibration"] = {"source": calibration, "sampling": sampling, "seed": seed, "skip_tokens": skip_tokens,
-                               "generated_samples": generated_samples}
+                               "generated_samples": generated_samples,
+                               "scoring_windows": 0 if scoring is None else int(scoring.shape[0])}
         info["source_model"] = model
         info["streaming"] = bool(stream)
         info["save_dtype"] = str(target_dtype).removeprefix("torch.")
@@ -277,7 +285,7 @@ def compare(
     """
     arguments = dict(locals()) | {"methods": [known_options.as_config(m) for m in methods]}
     from slimflow.api import prune as run_prune
-    from slimflow.data.calibration import calibration_ids, check_calibration_options
+    from slimflow.data.calibration import calibration_ids, check_calibration_options, scoring_ids
     from slimflow.errors import require_existing
     from slimflow.evaluation.perplexity import PRESETS, evaluate_perplexity, parse_spec
     from slimflow.methods import get_method

@@ -84,7 +84,7 @@ def test_adaptive_scored_on_generated_text_records_it_and_hits_the_ratio():
     assert search["score_on"] == "generated" and search["split"] == [16, 4]
     assert search["chosen"] == min(search["scores"], key=search["scores"].get)
     assert abs(report.realised_fraction - 0.4) <= 0.005
-    with pytest.raises(ScheduleError, match="choose one of calibration, text, generated"):
+    with pytest.raises(ScheduleError, match="choose one of source, calibration, text, generated"):
         slimflow.prune(tiny_model(), ids, ratio=0.3, schedule="adaptive", schedule_options={"score_on": "prose"})
 
 

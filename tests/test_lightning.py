@@ -180,6 +180,21 @@ def test_the_adaptive_schedule_samples_from_the_model_by_default(assets, tmp_pat
     assert (settings["num_samples"], settings["generated_samples"]) == (8, 256)
 
 
+def test_the_adaptive_search_of_the_callback_scores_on_other_windows_of_the_source(assets, tmp_path):
+    callbacks = [StructuredPruning(ratio=0.2, schedule=RatioSchedule("adaptive"), model_attr="net"),
+                 Calibration(source=assets["text"], num_samples=8, seqlen=32, generated_samples=0)]
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_epochs=1, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=callbacks)
+    trainer.fit(UserModule(assets["model"]), train_dataloaders=user_batches(assets["model"]))
+    allocation = callbacks[0].last_report["settings"]["allocation"]
+    search = allocation["search"]
+    expected = callbacks[1].data.scoring_ids()
+    assert search["score_on"] == "source" and search["split"] == [8, expected.shape[0]] and allocation["measured_rows"] == 8
+    rows = callbacks[1].data.ids()
+    assert not {tuple(r) for r in expected.tolist()} & {tuple(r) for r in rows.tolist()}
+
+
 def test_lora_only_without_pruning(assets, tmp_path):
     """LoRARecovery alone (no StructuredPruning) injects in setup and merges at the end."""
     module = UserModule(assets["model"])

@@ -69,7 +69,11 @@ def test_the_adaptive_schedule_samples_256_sequences_by_default(workdir):
     info = json.loads((workdir / "adaptive" / "pruning.json").read_text())
     assert (info["settings"]["num_samples"], info["settings"]["generated_samples"]) == (8, 256)
     assert info["calibration"]["generated_samples"] == 256
-    assert info["settings"]["allocation"]["search"]["split"] == [32, 16]
+    # the search scores on other windows of the calibration text: as many as the short text holds
+    search = info["settings"]["allocation"]["search"]
+    windows = info["calibration"]["scoring_windows"]
+    assert search["score_on"] == "source" and search["split"] == [32, windows] and 16 <= windows <= 6000 // (32 - 15)  # overlaps under 16 tokens are allowed
+    assert info["settings"]["allocation"]["measured_rows"] == 8 + 256  # no calibration row held out
 
 
 # More bad inputs, across all subcommands, are in tests/test_cli_errors.py.

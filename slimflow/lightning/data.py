@@ -198,6 +198,7 @@ class CalibrationData(LightningDataModule):
         self.num_samples, self.seqlen, self.seed, self.skip_tokens = num_samples, seqlen, seed, skip_tokens
         self.batch_size = batch_size
         self._ids: torch.Tensor | None = None
+        self._scoring: torch.Tensor | None = None
 
     def ids(self, tokenizer=None) -> torch.Tensor:
         """The calibration tensor (drawn once, then cached)."""
@@ -208,6 +209,19 @@ class CalibrationData(LightningDataModule):
             self._ids = calibration_ids(self.source, tokenizer, num_samples=self.num_samples, seqlen=self.seqlen,
                                         seed=self.seed, skip_tokens=self.skip_tokens)
         return self._ids
+
+    def scoring_ids(self, tokenizer=None) -> torch.Tensor | None:
+        """Windows of the source that no calibration sequence overlaps (`slimflow.api.scoring_windows`; drawn
+        once; None where the source has none): what the adaptive schedule scores its candidates on."""
+        if self._scoring is None:
+            from slimflow.api import scoring_windows
+            from slimflow.data.calibration import scoring_ids
+
+            calibration = self.ids(tokenizer)
+            tokenizer = load_tokenizer(tokenizer if tokenizer is not None else self.tokenizer)
+            self._scoring = scoring_ids(self.source, tokenizer, scoring_windows(self.seqlen), self.seqlen, self.seed,
+                                        self.skip_tokens, avoid=calibration)
+        return self._scoring
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.ids(), batch_size=self.batch_size)

@@ -36,10 +36,12 @@ class RatioSchedule:
         channel_multiple: keep FFN widths a multiple of this; null: 64 for FFNs of 4096+ channels (fast GPU
             shapes), else 1.
         options: options of the adaptive schedule (docs/engine.md): `search` (default true: also score the cost
-            plans, the fixed shapes and their blends on held-out calibration sequences and keep the best),
+            plans, the fixed shapes and their blends on other windows of the calibration source, 128 × 512
+            tokens, and keep the best),
             `search_samples` (32), `holdout` (16), `score` (`loss` or `kl`), `normalize` (`gradient`,
             `residual`, `none`), `points` (64), `families` (`[cost, fixed, blend]`; also `split`, `flat`),
-            `score_on` (`calibration`; `generated`, `text`: docs/engine.md), `score_context` (window lengths
+            `score_on` (`source`; `calibration`: held-out calibration sequences; `generated`, `text`:
+            docs/engine.md), `score_context` (window lengths
             the candidates are scored at, e.g. `[128, 512]`; default the whole calibration sequences); e.g.
             `{"search": false}`.
     """
@@ -90,6 +92,10 @@ class Calibration(SlimflowCallback):
         ids = self.data.ids(get_tokenizer(trainer, pl_module, model))
         self.checksum = int(ids.sum())
         return ids
+
+    def scoring(self, trainer: Trainer, pl_module: LightningModule, model) -> torch.Tensor | None:
+        """Windows of the source that no calibration sequence overlaps, for the adaptive schedule's search."""
+        return self.data.scoring_ids(get_tokenizer(trainer, pl_module, model))
 
     def state_dict(self) -> dict:
         d = self.data
@@ -246,7 +252,7 @@ class StructuredPruning(SlimflowCallback):
     # ------------------------------------------------------------------------------------------- pruning
     def prune(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Run the next stage: notify, calibrate, prune in place, record, write the report, notify."""
-        from slimflow.api import default_generated_samples, prune
+        from slimflow.api import default_generated_samples, prune, searches
         from slimflow.surgery import count_parameters, layer_widths
 
         k = self.stage
@@ -267,6 +273,9 @@ class StructuredPruning(SlimflowCallback):
             say(trainer, f"{stage}drawing {calibrate.data.num_samples} x {calibrate.data.seqlen} calibration tokens "
                          f"from {calibrate.data.source}{sampled}")
         calibration = calibrate.ids(trainer, pl_module, model)
+        kwargs = self.schedule.kwargs()
+        scoring = calibrate.scoring(trainer, pl_module, model) \
+            if searches(kwargs["schedule"], kwargs["schedule_options"]) else None
         if self.progress:
             say(trainer, f"{stage}pruning {self.ratios[k]:.0%} of {self.dense_params:,} parameters with {self.method_name} "
                          f"({self.schedule.name}), layer by layer")
@@ -274,8 +283,8 @@ class StructuredPruning(SlimflowCallback):
         with torch.no_grad():
             report = prune(model, calibration, ratio=self.ratios[k], method=self._method_spec,
                            reference_params=self.dense_params, batch_size=self.batch_size, device=self._device(trainer),
-                           progress=bars, generated_samples=count, seed=calibrate.data.seed,
-                           **self.schedule.kwargs())
+                           progress=bars, generated_samples=count, seed=calibrate.data.seed, scoring=scoring,
+                           **kwargs)
         self.stage = k + 1
         self.widths = [list(w.to_dict().values()) for w in report.widths]
         self.reports.append(_light_report(report))
