@@ -73,8 +73,8 @@ def prune_command(
         schedule_options: options of the adaptive schedule: search (default true), search_samples (32), holdout
             (16), score (loss or kl), normalize (gradient, residual, none), points (64), families (candidate
             plans: cost, fixed, blend by default; split, flat), score_on (source: other windows of the
-            calibration text, 128 × 512 tokens, that no calibration sequence overlaps, the default; calibration: held-out
-            calibration sequences; text, generated),
+            calibration text, 128 × 512 tokens, that no calibration sequence overlaps, the default;
+            calibration: held-out calibration sequences; text, generated),
             score_context (window lengths to score at, e.g. [128, 512]); e.g. '{"search": false}'.
         batch_size: calibration sequences per forward pass.
         device: where layers are processed: auto (CUDA if present), cpu, cuda, cuda:1, ...
@@ -285,7 +285,7 @@ def compare(
     """
     arguments = dict(locals()) | {"methods": [known_options.as_config(m) for m in methods]}
     from slimflow.api import prune as run_prune
-    from slimflow.data.calibration import calibration_ids, check_calibration_options, scoring_ids
+    from slimflow.data.calibration import calibration_ids, check_calibration_options
     from slimflow.errors import require_existing
     from slimflow.evaluation.perplexity import PRESETS, evaluate_perplexity, parse_spec
     from slimflow.methods import get_method
