@@ -428,7 +428,7 @@ def search_plans(model: nn.Module, adapter: ModelAdapter, calibration: torch.Ten
     with _moved_to(model, device if score == "kl" else None) as dense:
         for name, plans in tqdm(list(candidates.items()), desc="scoring allocations", unit="plan",
                                 disable=not progress):
-            trial = copy_to(model, device).to(device)
+            trial = copy_to(model, device)
             prune_layers(trial, adapter, train, plans, method, device, batch_size, progress=False)
             if context:
                 scores[name] = holdout_score(trial, scored, batch_size, dense, context)
