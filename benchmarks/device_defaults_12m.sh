@@ -10,7 +10,7 @@ source benchmarks/device_lib.sh
 rm -rf runs/grids; mkdir -p runs/grids
 unpack_corpus
 grid() {  # name models ratios seeds budget
-  python3 -c "from benchmarks.quality_grid import run; run(data='.carry/grid_data.safetensors', books='.carry/books.safetensors', scoring=${SCORING:-None}, out='runs/grids/$1', models=$2, plan='defaults', ratios=$3, seeds=$4, budget_s=$5, write_markdown=False)" > runs/grids/$1.log 2>&1
+  python3 -c "from benchmarks.quality_grid import run; run(data='.carry/grid_data.safetensors', books='.carry/books.safetensors', scoring=${SCORING:-None}, out='runs/grids/$1', models=$2, plan='defaults', ratios=$3, seeds=$4, groups=['main', 'seeds'], budget_s=$5, write_markdown=False)" > runs/grids/$1.log 2>&1
 }
 tokenize_corpus runs/tok runs/grids
 twelve() {  # preset steps name

@@ -14,6 +14,7 @@ import time
 import torch
 
 import slimflow
+from slimflow.api import scoring_windows
 from benchmarks.common import (build_model, copy_rate, device_info, gemm_rate, gib, peak_gib, peak_reset,
                                pruning_floor, write)
 
@@ -29,6 +30,10 @@ def main() -> None:
     ap.add_argument("--schedule", default=None, help="per-layer widths (default: the method's; adaptive samples "
                     "256 x 512 tokens from the model by default)")
     ap.add_argument("--channel-multiple", type=int, default=1)
+    ap.add_argument("--scoring-windows", type=int, default=None, help="adaptive: random windows of --seqlen the "
+                    "search scores on (default slimflow.api.scoring_windows, as `slimflow prune` draws)")
+    ap.add_argument("--confirm", type=int, default=None, help="adaptive: candidates pruned again on every row "
+                    "(default slimflow.allocation.CONFIRM)")
     ap.add_argument("--home", default="cpu", help="where the model lives (cpu: one layer at a time on the GPU)")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -40,6 +45,12 @@ def main() -> None:
         out["copy_tbps"] = round(copy_rate(), 2)
         peak_reset()
     calib = torch.randint(3, 32000, (args.samples, args.seqlen), generator=torch.Generator().manual_seed(0))
+    scoring, options = None, None
+    if args.schedule == "adaptive":
+        count = args.scoring_windows or scoring_windows(args.seqlen)
+        scoring = torch.randint(3, 32000, (count, args.seqlen), generator=torch.Generator().manual_seed(1))
+        options = {"confirm": args.confirm} if args.confirm else None
+    out["scoring_windows"] = 0 if scoring is None else int(scoring.shape[0])
     for ratio in args.ratios:
         t = time.perf_counter()
         model = build_model(args.shape, device="cuda" if cuda else "cpu", home=args.home)
@@ -47,7 +58,7 @@ def main() -> None:
         peak_reset()
         report = slimflow.prune(model, calib, ratio=ratio, method=args.method, device="cuda" if cuda else "cpu",
                                 batch_size=args.batch_size, channel_multiple=args.channel_multiple, progress=False,
-                                schedule=args.schedule)
+                                schedule=args.schedule, scoring=scoring, schedule_options=options)
         run = {
             "ratio": ratio, "build_s": round(build_s, 1), "wall_s": round(report.wall_time, 2),
             "phases_s": report.phase_times, "peak_gpu_gib": peak_gib(),
@@ -59,7 +70,7 @@ def main() -> None:
             "damping_added_max": max(r.damping_added for r in report.layers),
             "generated_samples": report.settings["generated_samples"],
             "search": {k: v for k, v in report.settings.get("allocation", {}).get("search", {}).items()
-                       if k in ("chosen", "scores")},
+                       if k in ("chosen", "scores", "confirmed", "seconds")},
         }
         print(run, flush=True)
         if cuda:

@@ -31,7 +31,8 @@ from slimflow.method_options import slimgpt
 CORPUS = "../shared/pretrain_corpus/part-007.txt.gz"
 EVAL_TOKENS, WINDOW, WINDOWS, SKIP = 400_000, 128, 300, 400_000
 SCHEDULES = ("uniform", "log_increase", "adaptive", "adaptive-residual")
-VARIANTS = {"adaptive-residual": ("adaptive", {"normalize": "residual"}), "adaptive-none": ("adaptive", {"normalize": "none"})}
+VARIANTS = {"adaptive-residual": ("adaptive", {"normalize": "residual"}), "adaptive-none": ("adaptive", {"normalize": "none"}),
+            "adaptive-confirm1": ("adaptive", {"confirm": 1})}
 
 
 def calibration_key(sampling: str, num_samples: int, seqlen: int, seed: int) -> str:
@@ -245,8 +246,10 @@ def final_cells(models: list[str], reference: str = "ref-llama-27m") -> list[dic
 
 def defaults_cells(models: list[str], reference: str = "ref-llama-27m") -> list[dict]:
     """The default adaptive run (256 sampled sequences added) against uniform and log_increase with the same
-    sequences, seeds 0-2 of both samplings; then, seed 0 only, the calibration text alone."""
-    sampled = (("uniform", 1.0), ("log_increase", 2.0), ("log_increase", 4.0), ("adaptive", 4.0))
+    sequences, seeds 0-2 of both samplings (and the search's own best, without the confirmation of its two best
+    candidates pruned on every row: the default before it); then, seed 0 only, the calibration text alone."""
+    sampled = (("uniform", 1.0), ("log_increase", 2.0), ("log_increase", 4.0), ("adaptive", 4.0),
+               ("adaptive-confirm1", 4.0))
     plain = (("uniform", 1.0), ("log_increase", 4.0), ("adaptive", 4.0))
     out = []
     for seed in (0, 1, 2):
@@ -490,7 +493,7 @@ def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", bu
             row["widths"] = [(w.num_key_value_heads, w.intermediate_size) for w in report.widths]
             search = report.settings.get("allocation", {}).get("search")
             if search:
-                row["search"] = {k: search[k] for k in ("chosen", "score", "scores")}
+                row["search"] = {k: search[k] for k in ("chosen", "score", "scores", "confirmed") if k in search}
             row["times"] = report.phase_times
         except Exception as err:  # recorded in the table: a failing default is a result too
             row["error"] = f"{type(err).__name__}: {err}"

@@ -132,6 +132,18 @@ MUTATIONS = [
     ("source scoring windows ignored", "slimflow/allocation.py",
      'source = scoring if score_on == "source" and scoring is not None',
      'source = None if score_on == "source" and scoring is not None', ["tests/test_scoring_windows.py"]),
+    ("confirmation prunes on the search's rows only", "slimflow/allocation.py",
+     "got = trial_scores(candidates[name], final, dense)", "got = trial_scores(candidates[name], train, dense)",
+     ["tests/test_search_confirm.py"]),
+    ("confirmation keeps the search's best", "slimflow/allocation.py",
+     "best = ranked(finals)[0] if finals else ranked(scores)[0]", "best = ranked(scores)[0]",
+     ["tests/test_search_confirm.py"]),
+    ("confirmation takes the worst-scored candidates", "slimflow/allocation.py",
+     "finalists = ranked(scores)[:confirm] if", "finalists = ranked(scores)[::-1][:confirm] if",
+     ["tests/test_search_confirm.py"]),
+    ("confirmation prunes on the held-out rows too", "slimflow/allocation.py",
+     "final = calibration[[r for r in range(calibration.shape[0]) if r not in held]]", "final = calibration",
+     ["tests/test_search_confirm.py"]),
 ]
 
 

@@ -31,7 +31,8 @@ NORMALIZATIONS = ("gradient", "residual", "none")
 
 
 OPTIONS = ("normalize", "points", "search", "search_samples", "holdout", "score", "score_on", "score_context",
-           "families")
+           "families", "confirm")
+CONFIRM = 2  # best-scored candidates the search prunes again on every calibration row before keeping one
 FAMILIES = ("cost", "fixed", "blend")  # candidate families the search scores by default (`candidate_plans`)
 ALL_FAMILIES = ("cost", "fixed", "split", "blend", "flat")
 SCORES = ("loss", "kl")
@@ -66,7 +67,7 @@ def check_schedule_options(schedule: str | None, options: dict | None) -> None:
                                 or any(not isinstance(c, int) or isinstance(c, bool) or c < 2 for c in context)):
         raise ScheduleError(f"adaptive schedule option score_context must be a non-empty list of window lengths "
                             f"of at least 2 tokens, e.g. [128, 512]; got {context!r}")
-    for name in ("search_samples", "holdout"):
+    for name in ("search_samples", "holdout", "confirm"):
         if name in options and (not isinstance(options[name], int) or options[name] < 1):
             raise ScheduleError(f"adaptive schedule option {name} must be a positive integer, got {options[name]!r}")
 
@@ -404,7 +405,8 @@ def search_plans(model: nn.Module, adapter: ModelAdapter, calibration: torch.Ten
                  search_samples: int = 32, holdout: int = 16, score: str = "loss",
                  progress: bool = True, scored: torch.Tensor | None = None,
                  text_rows: int | None = None, context: list[int] | None = None,
-                 per_row: dict | None = None) -> tuple[str, dict[str, float]]:
+                 per_row: dict | None = None, confirm: int = 1, confirmed: dict | None = None,
+                 seconds: dict | None = None) -> tuple[str, dict[str, float]]:
     """The candidate plan whose pruned model predicts held-out calibration sequences best.
 
     Each candidate prunes a copy of `model` with `search_samples` calibration sequences (the same method,
@@ -419,26 +421,54 @@ def search_plans(model: nn.Module, adapter: ModelAdapter, calibration: torch.Ten
     the first `text_rows` calibration rows (`search_rows`). `context`: score at these window lengths
     (`holdout_score`; default the whole rows). `per_row`: filled with each candidate's score of every scored
     row (not with `context`).
+
+    `confirm`: the search's prunes see `search_samples` sequences, the final pass every one, and a plan that
+    scores well pruned on few sequences can score worse pruned on all of them (docs/results.md). So the
+    `confirm` best-scored candidates (when more than one, and when the search pruned on fewer sequences than
+    the final pass will) are pruned again on every calibration sequence that is not held out and scored on the
+    same sequences; the best of those is kept. `confirmed`: filled with those scores; `seconds`: with the
+    time of the search's prunes and scoring (`search`) and of the confirmation (`confirm`).
     """
     train_rows, held_rows = search_rows(calibration.shape[0], search_samples, holdout, scored is not None, text_rows)
     train = calibration[train_rows]
+    held = set(held_rows)
+    final = calibration[[r for r in range(calibration.shape[0]) if r not in held]]
     if scored is None:
         scored = calibration[held_rows]
-    scores, rows = {}, {}
+    order = list(candidates)
+
+    def ranked(table: dict[str, float]) -> list[str]:
+        return sorted(table, key=lambda k: (table[k], order.index(k)))  # ties keep the earlier candidate
+
+    def trial_scores(plans, rows_in, dense) -> list[float] | float:
+        trial = copy_to(model, device)
+        prune_layers(trial, adapter, rows_in, plans, method, device, batch_size, progress=False)
+        out = holdout_score(trial, scored, batch_size, dense, context) if context else \
+            row_scores(trial, scored, batch_size, dense)
+        del trial
+        return out
+
+    scores, rows, finals = {}, {}, {}
+    started = time.perf_counter()
     with _moved_to(model, device if score == "kl" else None) as dense:
-        for name, plans in tqdm(list(candidates.items()), desc="scoring allocations", unit="plan",
-                                disable=not progress):
-            trial = copy_to(model, device)
-            prune_layers(trial, adapter, train, plans, method, device, batch_size, progress=False)
-            if context:
-                scores[name] = holdout_score(trial, scored, batch_size, dense, context)
-            else:
-                rows[name] = row_scores(trial, scored, batch_size, dense)
-                scores[name] = sum(rows[name]) / len(rows[name])
-            del trial
-    best = min(scores, key=lambda k: (scores[k], list(scores).index(k)))
+        for name in tqdm(order, desc="scoring allocations", unit="plan", disable=not progress):
+            got = trial_scores(candidates[name], train, dense)
+            if not context:
+                rows[name], got = got, sum(got) / len(got)
+            scores[name] = got
+        searched = time.perf_counter()
+        finalists = ranked(scores)[:confirm] if final.shape[0] > train.shape[0] else []
+        if len(finalists) > 1:
+            for name in tqdm(finalists, desc="confirming allocations", unit="plan", disable=not progress):
+                got = trial_scores(candidates[name], final, dense)
+                finals[name] = got if context else sum(got) / len(got)
+    best = ranked(finals)[0] if finals else ranked(scores)[0]
+    if seconds is not None:
+        seconds.update(search=round(searched - started, 4), confirm=round(time.perf_counter() - searched, 4))
     if per_row is not None:
         per_row.update(rows)
+    if confirmed is not None:
+        confirmed.update(finals)
     return best, scores
 
 
@@ -486,7 +516,7 @@ def adaptive_plan(model: nn.Module, adapter: ModelAdapter, calibration: torch.Te
                   families=FAMILIES,
                   fixed_plans: dict[str, list[LayerPlan]] | None = None,
                   method=None, text_rows: int | None = None,
-                  scoring: torch.Tensor | None = None) -> tuple[list[LayerPlan], dict]:
+                  scoring: torch.Tensor | None = None, confirm: int = CONFIRM) -> tuple[list[LayerPlan], dict]:
     """The adaptive schedule's per-layer plan for `target_params` parameters, and what it measured.
 
     With `search` (default) the plans of `families` (`candidate_plans`: by default those from the measured costs,
@@ -502,7 +532,9 @@ def adaptive_plan(model: nn.Module, adapter: ModelAdapter, calibration: torch.Te
     `text_rows`: how many leading calibration rows are real text (the rest sampled from the model); with
     `score_on="text"` the scoring rows are held out among those only. Where every row or none is text,
     `"text"` scores as `"calibration"` does. `"generated"`: score on `holdout` sequences sampled from the model.
-    `score_context`: window lengths the candidates are scored at (`holdout_score`; default: whole rows)."""
+    `score_context`: window lengths the candidates are scored at (`holdout_score`; default: whole rows).
+    `confirm`: how many of the best-scored candidates are pruned again on every calibration row and scored again
+    before one is kept (`search_plans`; 1: keep the search's best)."""
     t = time.perf_counter()
     generated = score_on == "generated"
     source = scoring if score_on == "source" and scoring is not None and scoring.shape[0] > 0 else None
@@ -532,11 +564,15 @@ def adaptive_plan(model: nn.Module, adapter: ModelAdapter, calibration: torch.Te
             scored = sample_sequences(model, holdout, calibration.shape[1], device=device, batch_size=batch_size,
                                       progress=progress)
         per_row: dict[str, list[float]] = {}
+        confirmed: dict[str, float] = {}
+        seconds: dict[str, float] = {}
         chosen, scores = search_plans(model, adapter, calibration, candidates, method, device, batch_size,
-                                      search_samples, holdout, score, progress, scored, pool, score_context, per_row)
+                                      search_samples, holdout, score, progress, scored, pool, score_context, per_row,
+                                      confirm, confirmed, seconds)
         plans = candidates[chosen]
         used = score_on if score_on != "source" or source is not None else "calibration"
-        info["search"] = {"chosen": chosen, "score": score, "scores": scores,
+        info["search"] = {"chosen": chosen, "score": score, "scores": scores, "confirmed": confirmed,
+                          "seconds": seconds,
                           "score_on": used, "score_context": score_context, "families": list(families),
                           "split": [split[0], int(source.shape[0]) if source is not None else split[1]],
                           "row_scores": {k: [round(x, 5) for x in v] for k, v in per_row.items()}}
