@@ -10,7 +10,7 @@ source benchmarks/device_lib.sh
 export OMP_NUM_THREADS=1
 mkdir -p runs/grids
 MODELS=${MODELS:-m27 gqa}
-[[ $MODELS == *m27* ]] && python3 -c "from benchmarks.carry_pack import unpack; unpack(packed='.carry/m27', out='runs/ref-llama-27m', files='.carry/tok27')"
+[[ $MODELS == *m27* && ! -f runs/ref-llama-27m/model.safetensors ]] && python3 -c "from benchmarks.carry_pack import unpack; unpack(packed='.carry/m27', out='runs/ref-llama-27m', files='.carry/tok27')"
 grid() {  # name models plan ratios seeds groups budget
   python3 -c "from benchmarks.quality_grid import run; run(data='.carry/grid_data.safetensors', books=${BOOKS:-'.carry/books.safetensors'}, scoring='${SCORING:-.carry/scoring.safetensors}', out='runs/grids/$1', models=$2, plan='$3', ratios=$4, seeds=$5, groups=$6, budget_s=$7, write_markdown=False)" > runs/grids/$1.log 2>&1
 }
