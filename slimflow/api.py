@@ -207,7 +207,7 @@ def prune(
             initialised with more than one process. See docs/scale.md.
         process_group: the group to share over (default: the default group).
         schedule_options: options of the `adaptive` schedule (`search`, `search_samples`, `holdout`, `score`,
-            `normalize`, `points`), see `slimflow.allocation.adaptive_plan` and docs/engine.md.
+            `normalize`, `points`, `confirm`, ...), see `slimflow.allocation.adaptive_plan` and docs/engine.md.
         layer_store: where each decoder layer comes from and goes to (default: the layers in `model`, moved to
             `device` one at a time); `slimflow.streaming` passes one that reads and writes checkpoint shards.
         correct_drift: each pruned projection starts from its least-squares refit to the dense model's

@@ -75,7 +75,9 @@ def prune_command(
             plans: cost, fixed, blend by default; split, flat), score_on (source: other windows of the
             calibration text, 128 × 512 tokens, that no calibration sequence overlaps, the default;
             calibration: held-out calibration sequences; text, generated),
-            score_context (window lengths to score at, e.g. [128, 512]); e.g. '{"search": false}'.
+            score_context (window lengths to score at, e.g. [128, 512]), confirm (2: the two best candidates
+            are pruned again on every calibration sequence before one is kept; 1: keep the search's best);
+            e.g. '{"search": false}'.
         batch_size: calibration sequences per forward pass.
         device: where layers are processed: auto (CUDA if present), cpu, cuda, cuda:1, ...
         dtype: dtype used while pruning: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16.

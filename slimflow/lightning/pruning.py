@@ -42,8 +42,9 @@ class RatioSchedule:
             `residual`, `none`), `points` (64), `families` (`[cost, fixed, blend]`; also `split`, `flat`),
             `score_on` (`source`; `calibration`: held-out calibration sequences; `generated`, `text`:
             docs/engine.md), `score_context` (window lengths
-            the candidates are scored at, e.g. `[128, 512]`; default the whole calibration sequences); e.g.
-            `{"search": false}`.
+            the candidates are scored at, e.g. `[128, 512]`; default the whole calibration sequences), `confirm`
+            (2: the two best candidates are pruned again on every calibration sequence before one is kept);
+            e.g. `{"search": false}`.
     """
 
     name: Literal["adaptive", "uniform", "linear", "log_increase"] = "log_increase"
