@@ -2,6 +2,7 @@
 uniform, log_increase at spread 2 and 4, `adaptive` and `adaptive-confirm1` on the same tensors).
 
     python -m benchmarks.confirm_table benchmarks/results/confirm_m27.json benchmarks/results/confirm_gqa.json
+    python -m benchmarks.confirm_table replay benchmarks/results/candidates_*.json
 
 Per model × ratio × calibration cell: mean ± std over seeds of the evaluation-text perplexity, in brackets the
 seeds better than both fixed shapes (uniform and log_increase at its default spread 4, as the tables before; the
@@ -95,8 +96,32 @@ def table(paths: list[str], before: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def replay(paths: list[str]) -> str:
+    """The confirmation replayed on the candidate study (`candidate_study.py`: every candidate pruned on the
+    search's rows and on every row, each scored on 32 held-out windows of part-007 and the evaluation text):
+    rank by the search's prunes on the windows, keep the best final prune on the windows among the first k."""
+    lines = ["| run | uniform | k = 1 (search's best) | k = 2 | k = 3 | every candidate | best final prune |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for path in paths:
+        rows = json.load(open(path))["rows"]
+        by_search = sorted(rows, key=lambda r: r["search_holdout"])
+        picks = []
+        for k in (1, 2, 3, len(rows)):
+            pick = min(by_search[:k], key=lambda r: r["final_holdout"])
+            picks.append(f"{pick['final_eval']:.1f} ({pick['plan']})")
+        uniform = next(r["final_eval"] for r in rows if r["plan"] == "uniform")
+        oracle = min(rows, key=lambda r: r["final_eval"])
+        name = path.rsplit("candidates_", 1)[-1].removesuffix(".json")
+        lines.append(f"| {name} | {uniform:.1f} | " + " | ".join(picks) +
+                     f" | {oracle['final_eval']:.1f} ({oracle['plan']}) |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
+    if args and args[0] == "replay":
+        print(replay(args[1:]))
+        sys.exit(0)
     before = None
     if "--before" in args:
         i = args.index("--before")
