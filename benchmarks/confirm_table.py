@@ -99,9 +99,12 @@ def table(paths: list[str], before: str | None = None) -> str:
 def replay(paths: list[str]) -> str:
     """The confirmation replayed on the candidate study (`candidate_study.py`: every candidate pruned on the
     search's rows and on every row, each scored on 32 held-out windows of part-007 and the evaluation text):
-    rank by the search's prunes on the windows, keep the best final prune on the windows among the first k."""
-    lines = ["| run | uniform | k = 1 (search's best) | k = 2 | k = 3 | every candidate | best final prune |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    rank by the search's prunes on the windows, keep the best final prune on the windows among the first k (or
+    among the first of each family)."""
+    from slimflow.allocation import _finalists
+
+    lines = ["| run | uniform | k = 1 (search's best) | k = 2 | k = 3 | every candidate | families | "
+             "best final prune |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for path in paths:
         rows = json.load(open(path))["rows"]
         by_search = sorted(rows, key=lambda r: r["search_holdout"])
@@ -109,6 +112,9 @@ def replay(paths: list[str]) -> str:
         for k in (1, 2, 3, len(rows)):
             pick = min(by_search[:k], key=lambda r: r["final_holdout"])
             picks.append(f"{pick['final_eval']:.1f} ({pick['plan']})")
+        named = {r["plan"]: r for r in by_search}
+        pick = min((named[n] for n in _finalists(list(named), "families")), key=lambda r: r["final_holdout"])
+        picks.append(f"{pick['final_eval']:.1f} ({pick['plan']})")
         uniform = next(r["final_eval"] for r in rows if r["plan"] == "uniform")
         oracle = min(rows, key=lambda r: r["final_eval"])
         name = path.rsplit("candidates_", 1)[-1].removesuffix(".json")

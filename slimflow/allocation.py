@@ -67,9 +67,13 @@ def check_schedule_options(schedule: str | None, options: dict | None) -> None:
                                 or any(not isinstance(c, int) or isinstance(c, bool) or c < 2 for c in context)):
         raise ScheduleError(f"adaptive schedule option score_context must be a non-empty list of window lengths "
                             f"of at least 2 tokens, e.g. [128, 512]; got {context!r}")
-    for name in ("search_samples", "holdout", "confirm"):
+    for name in ("search_samples", "holdout"):
         if name in options and (not isinstance(options[name], int) or options[name] < 1):
             raise ScheduleError(f"adaptive schedule option {name} must be a positive integer, got {options[name]!r}")
+    confirm = options.get("confirm", CONFIRM)
+    if confirm != "families" and (not isinstance(confirm, int) or isinstance(confirm, bool) or confirm < 1):
+        raise ScheduleError(f"adaptive schedule option confirm must be a positive integer or \"families\", got "
+                            f"{confirm!r}")
 
 
 def residual_gradient_energy(model: nn.Module, adapter: ModelAdapter, calibration: torch.Tensor,
@@ -400,12 +404,18 @@ def _moved_to(model: nn.Module, device: torch.device | None):
         model.to(home)
 
 
+def family(name: str) -> str:
+    """The family of a candidate plan's name (`candidate_plans`): `cost`, `blend`, `split`, `flat`, else `fixed`."""
+    head = name.split(":", 1)[0]
+    return head if head in ALL_FAMILIES else "fixed"
+
+
 def search_plans(model: nn.Module, adapter: ModelAdapter, calibration: torch.Tensor,
                  candidates: dict[str, list[LayerPlan]], method, device: torch.device, batch_size: int = 8,
                  search_samples: int = 32, holdout: int = 16, score: str = "loss",
                  progress: bool = True, scored: torch.Tensor | None = None,
                  text_rows: int | None = None, context: list[int] | None = None,
-                 per_row: dict | None = None, confirm: int = 1, confirmed: dict | None = None,
+                 per_row: dict | None = None, confirm: int | str = 1, confirmed: dict | None = None,
                  seconds: dict | None = None) -> tuple[str, dict[str, float]]:
     """The candidate plan whose pruned model predicts held-out calibration sequences best.
 
@@ -426,7 +436,9 @@ def search_plans(model: nn.Module, adapter: ModelAdapter, calibration: torch.Ten
     scores well pruned on few sequences can score worse pruned on all of them (docs/results.md). So the
     `confirm` best-scored candidates (when more than one, and when the search pruned on fewer sequences than
     the final pass will) are pruned again on every calibration sequence that is not held out and scored on the
-    same sequences; the best of those is kept. `confirmed`: filled with those scores; `seconds`: with the
+    same sequences; the best of those is kept. `confirm="families"`: the best-scored candidate of each family
+    (`family`) is confirmed instead, so that a family whose plans score well only when pruned on few sequences
+    cannot fill every place. `confirmed`: filled with those scores; `seconds`: with the
     time of the search's prunes and scoring (`search`) and of the confirmation (`confirm`).
     """
     train_rows, held_rows = search_rows(calibration.shape[0], search_samples, holdout, scored is not None, text_rows)
@@ -457,7 +469,7 @@ def search_plans(model: nn.Module, adapter: ModelAdapter, calibration: torch.Ten
                 rows[name], got = got, sum(got) / len(got)
             scores[name] = got
         searched = time.perf_counter()
-        finalists = ranked(scores)[:confirm] if final.shape[0] > train.shape[0] else []
+        finalists = _finalists(ranked(scores), confirm) if final.shape[0] > train.shape[0] else []
         if len(finalists) > 1:
             for name in tqdm(finalists, desc="confirming allocations", unit="plan", disable=not progress):
                 got = trial_scores(candidates[name], final, dense)
@@ -470,6 +482,15 @@ def search_plans(model: nn.Module, adapter: ModelAdapter, calibration: torch.Ten
     if confirmed is not None:
         confirmed.update(finals)
     return best, scores
+
+
+def _finalists(ranked: list[str], confirm: int | str) -> list[str]:
+    if confirm != "families":
+        return ranked[:confirm]
+    firsts: dict[str, str] = {}
+    for name in ranked:
+        firsts.setdefault(family(name), name)
+    return list(firsts.values())
 
 
 def candidate_plans(heads: list[CostCurve], channels: list[CostCurve], energies: list[tuple[float, float]],
@@ -516,7 +537,7 @@ def adaptive_plan(model: nn.Module, adapter: ModelAdapter, calibration: torch.Te
                   families=FAMILIES,
                   fixed_plans: dict[str, list[LayerPlan]] | None = None,
                   method=None, text_rows: int | None = None,
-                  scoring: torch.Tensor | None = None, confirm: int = CONFIRM) -> tuple[list[LayerPlan], dict]:
+                  scoring: torch.Tensor | None = None, confirm: int | str = CONFIRM) -> tuple[list[LayerPlan], dict]:
     """The adaptive schedule's per-layer plan for `target_params` parameters, and what it measured.
 
     With `search` (default) the plans of `families` (`candidate_plans`: by default those from the measured costs,
@@ -534,7 +555,7 @@ def adaptive_plan(model: nn.Module, adapter: ModelAdapter, calibration: torch.Te
     `"text"` scores as `"calibration"` does. `"generated"`: score on `holdout` sequences sampled from the model.
     `score_context`: window lengths the candidates are scored at (`holdout_score`; default: whole rows).
     `confirm`: how many of the best-scored candidates are pruned again on every calibration row and scored again
-    before one is kept (`search_plans`; 1: keep the search's best)."""
+    before one is kept (`search_plans`; 1: keep the search's best; `"families"`: the best of each family)."""
     t = time.perf_counter()
     generated = score_on == "generated"
     source = scoring if score_on == "source" and scoring is not None and scoring.shape[0] > 0 else None

@@ -98,7 +98,26 @@ def test_prune_records_the_confirmed_scores_and_refuses_a_bad_confirm():
     assert len(search["confirmed"]) == allocation.CONFIRM
     assert search["chosen"] == min(search["confirmed"], key=search["confirmed"].get)
     assert set(search["confirmed"]) <= set(search["scores"])
-    for bad in (0, -1, 1.5, "2"):
-        with pytest.raises(ScheduleError, match="confirm must be a positive integer"):
+    for bad in (0, -1, 1.5, "2", True, "family"):
+        with pytest.raises(ScheduleError, match="confirm must be a positive integer or \"families\""):
             slimflow.prune(tiny_model("llama"), ids, 0.3, schedule="adaptive", device="cpu", progress=False,
                            schedule_options={"confirm": bad})
+
+
+def test_confirming_families_prunes_the_best_of_each_family_again():
+    model = tiny_model("llama_gqa", num_hidden_layers=3)
+    adapter, ids, windows = get_adapter(model), _ids(12), _ids(6, seed=5)
+    shapes = _candidates(model)  # two fixed shapes, one named as a blend, one as a cost plan
+    candidates = {"uniform": shapes["uniform"], "log_increase:8": shapes["log_increase:8"],
+                  "blend:linear": shapes["linear:4"], "cost:log2": shapes["log_increase:2"]}
+    assert [allocation.family(k) for k in candidates] == ["fixed", "fixed", "blend", "cost"]
+    confirmed: dict = {}
+    chosen, scores = _search(model, ids, candidates, "families", windows, confirmed)
+    fixed = min(("uniform", "log_increase:8"), key=scores.get)
+    assert set(confirmed) == {fixed, "blend:linear", "cost:log2"}
+    final = {k: _loss_after(model, adapter, ids, candidates[k], windows) for k in confirmed}
+    assert confirmed == pytest.approx(final, rel=1e-4)
+    assert chosen == min(final, key=final.get)
+    # the worse fixed shape is not among them, and it matters: its final prune scores otherwise
+    other = ({"uniform", "log_increase:8"} - {fixed}).pop()
+    assert _loss_after(model, adapter, ids, candidates[other], windows) != pytest.approx(final[fixed], rel=1e-4)
