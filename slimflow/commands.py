@@ -76,7 +76,8 @@ def prune_command(
             calibration text, 128 × 512 tokens, that no calibration sequence overlaps, the default;
             calibration: held-out calibration sequences; text, generated),
             score_context (window lengths to score at, e.g. [128, 512]), confirm (2: the two best candidates
-            are pruned again on every calibration sequence before one is kept; 1: keep the search's best);
+            are pruned again on every calibration sequence before one is kept; 1: keep the search's best;
+            "families": the best of each family);
             e.g. '{"search": false}'.
         batch_size: calibration sequences per forward pass.
         device: where layers are processed: auto (CUDA if present), cpu, cuda, cuda:1, ...

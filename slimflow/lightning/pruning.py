@@ -43,7 +43,8 @@ class RatioSchedule:
             `score_on` (`source`; `calibration`: held-out calibration sequences; `generated`, `text`:
             docs/engine.md), `score_context` (window lengths
             the candidates are scored at, e.g. `[128, 512]`; default the whole calibration sequences), `confirm`
-            (2: the two best candidates are pruned again on every calibration sequence before one is kept);
+            (2: the two best candidates are pruned again on every calibration sequence before one is kept;
+            `"families"`: the best of each family);
             e.g. `{"search": false}`.
     """
 
