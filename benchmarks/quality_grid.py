@@ -32,7 +32,8 @@ CORPUS = "../shared/pretrain_corpus/part-007.txt.gz"
 EVAL_TOKENS, WINDOW, WINDOWS, SKIP = 400_000, 128, 300, 400_000
 SCHEDULES = ("uniform", "log_increase", "adaptive", "adaptive-residual")
 VARIANTS = {"adaptive-residual": ("adaptive", {"normalize": "residual"}), "adaptive-none": ("adaptive", {"normalize": "none"}),
-            "adaptive-confirm1": ("adaptive", {"confirm": 1})}
+            "adaptive-confirm1": ("adaptive", {"confirm": 1}),
+            "adaptive-families": ("adaptive", {"confirm": "families"})}
 
 
 def calibration_key(sampling: str, num_samples: int, seqlen: int, seed: int) -> str:
@@ -267,6 +268,33 @@ def defaults_cells(models: list[str], reference: str = "ref-llama-27m") -> list[
     return _defaults(out)
 
 
+def families_cells(models: list[str], reference: str = "ref-llama-27m") -> list[dict]:
+    """The search confirming the best candidate of each family (`{"confirm": "families"}`) against the default
+    (its two best), 256 sampled sequences added, seeds 0-2 of both samplings. On `reference` only the new rows:
+    its fixed-shape and default rows repeat those of benchmarks/results/confirm_m27.json, which one default row
+    (group `check`) verifies; and the 512-sequence ablation at 20% (group `ablation:n512`). On the other models
+    uniform, log_increase, the default and the new rows."""
+    from slimflow.api import default_generated_samples
+
+    full = (("uniform", 1.0), ("log_increase", 4.0), ("adaptive", 4.0), ("adaptive-families", 4.0))
+    out = []
+    for seed in (0, 1, 2):
+        for model in models:
+            for ratio in (0.2, 0.5):
+                for sampling in ("tail", "random"):
+                    base = dict(group="main" if seed == 0 else "seeds", model=model, ratio=ratio,
+                                sampling=sampling, seed=seed, generated=256)
+                    schedules = full[3:] if model == reference else full
+                    out += [base | dict(schedule=s, spread=k) for s, k in schedules]
+    if reference in models:
+        base = dict(model=reference, sampling="random", generated=256, spread=4.0)
+        out.append(base | dict(group="check", ratio=0.5, seed=1, schedule="adaptive"))
+        out.append(base | dict(group="ablation:n512", ratio=0.2, seed=0, num_samples=512,
+                               generated=default_generated_samples("adaptive", False, 512),
+                               schedule="adaptive-families"))
+    return _defaults(out)
+
+
 ABLATIONS = {"default": {}, "damp0.001": {"damp": 0.001}, "damp0.1": {"damp": 0.1}, "n32": {"num_samples": 32},
              "n512": {"num_samples": 512}, "L128": {"seqlen": 128}, "L2048": {"seqlen": 2048}}
 
@@ -391,7 +419,7 @@ def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", bu
         windows: int = WINDOWS, groups: list[str] | None = None, reference: str = "ref-llama-27m",
         gqa: str | None = None, plan: str = "default", ratios: list[float] | None = None,
         seeds: list[int] | None = None, books: str | None = None, write_markdown: bool = True,
-        scoring: str | None = None) -> list[dict]:
+        scoring: str | None = None, samplings: list[str] | None = None) -> list[dict]:
     """Run the grid; `models` maps a short name to a model directory.
 
     Args:
@@ -407,9 +435,11 @@ def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", bu
         plan: `default` (schedules, seeds, ablations), `drift` (drift correction against none) or `search` (the
             adaptive schedule with its search against the fixed shapes), `generated` / `generated2` / `final`
             (sequences sampled from the model added to the calibration set), `defaults` (the default adaptive
-            run against the fixed shapes, seeds 0-2), `ablations` (one setting of the default changed at a time).
+            run against the fixed shapes, seeds 0-2), `ablations` (one setting of the default changed at a time),
+            `families` (the search confirming the best of each family against the default).
         ratios: run only the cells of these ratios (default all).
         seeds: run only the cells of these seeds (default all).
+        samplings: run only the cells of these calibration samplings (default all).
         books: validation windows per book (`allocation_study prepare`); each row then also records the perplexity
             on them, every book weighed alike, with 128 and 512 tokens of context (`books128`, `books512`).
         write_markdown: also write grid.md beside grid.json (off where a transfer counts files).
@@ -447,11 +477,12 @@ def run(*, data: str, out: str, models: dict[str, str], device: str = "auto", bu
                         for k, v in dense.items()}}
     planned = {"drift": drift_cells, "search": search_cells, "generated": generated_cells,
                "generated2": generated2_cells, "final": final_cells, "defaults": defaults_cells,
-               "ablations": ablation_cells}[plan](
+               "ablations": ablation_cells, "families": families_cells}[plan](
         list(dense), reference) if plan != "default" \
         else cells(list(dense), reference, gqa)
     todo = [c for c in planned if c["model"] in dense and (groups is None or c["group"] in groups)
-            and (ratios is None or c["ratio"] in ratios) and (seeds is None or c["seed"] in seeds)]
+            and (ratios is None or c["ratio"] in ratios) and (seeds is None or c["seed"] in seeds)
+            and (samplings is None or c["sampling"] in samplings)]
     sampled: dict = {}
     for i, cell in enumerate(todo):
         if time.perf_counter() - started > budget_s:
