@@ -4,8 +4,8 @@
 # - ref-llama-27m: the new rows, seeds 0-2 of both samplings, one default row that must repeat
 #   benchmarks/results/confirm_m27.json (group `check`) and the 512-sequence ablation at 20%.
 # - Meanwhile both 12M models are pretrained again, and packed to $OUT (`<name>_lo.bin`, `<name>_rest.tar`) so
-#   that a later call can carry the same weights (WITH12=<dir of unpacked packs>: no pretraining, SEEDS12 then
-#   says which seeds run); then uniform, log_increase, the default and the new rows, seeds SEEDS12 (default 0 1),
+#   that a later call can carry the same weights (WITH12=<dir>: no pretraining, the models unpacked from
+#   <dir>/gqa and <dir>/qwen2, each holding lo.bin and what <name>_rest.tar holds); then uniform, log_increase, the default and the new rows, seeds SEEDS12 (default 0 1),
 #   one process per ratio × seed × sampling.
 # Run as `timeout 550 bash benchmarks/device_families.sh; bash benchmarks/device_families.sh merge` where the call's
 # limit is near: the rows are written as they come, so what ran comes back.
@@ -33,8 +33,11 @@ if [[ ${M27:-1} == 1 ]]; then
   grid m27_extra "$M" None None "['check', 'ablation:n512']" None 400 &
 fi
 twelve() {  # preset name: pretrained (or carried) model, packed to $OUT, then its rows
-  local dir=${WITH12:-runs/refmodels}/$1
-  if [[ -z ${WITH12:-} ]]; then
+  local dir=runs/refmodels/$1
+  if [[ -n ${WITH12:-} ]]; then
+    python3 -c "from benchmarks.carry_pack import unpack; unpack(packed='$WITH12/$2', out='$dir', files='.carry/tok')"
+    cp $WITH12/$2/config.json $WITH12/$2/generation_config.json $dir/
+  else
     train_ref $1 $([[ $2 == gqa ]] && echo $STEPS_GQA || echo $STEPS_QWEN2) runs/tok runs/grids || return
     python3 -c "from benchmarks.carry_pack import pack; pack(model='$dir', out='runs/packed/$2')"
     cp runs/packed/$2/lo.bin $OUT/$2_lo.bin

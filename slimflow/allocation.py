@@ -31,8 +31,9 @@ NORMALIZATIONS = ("gradient", "residual", "none")
 
 
 OPTIONS = ("normalize", "points", "search", "search_samples", "holdout", "score", "score_on", "score_context",
-           "families", "confirm")
+           "families", "confirm", "confirm_families")
 CONFIRM = 2  # best-scored candidates the search prunes again on every calibration row before keeping one
+CONFIRM_FAMILIES = False  # also the best-scored candidate of each family
 FAMILIES = ("cost", "fixed", "blend")  # candidate families the search scores by default (`candidate_plans`)
 ALL_FAMILIES = ("cost", "fixed", "split", "blend", "flat")
 SCORES = ("loss", "kl")
@@ -74,6 +75,9 @@ def check_schedule_options(schedule: str | None, options: dict | None) -> None:
     if confirm != "families" and (not isinstance(confirm, int) or isinstance(confirm, bool) or confirm < 1):
         raise ScheduleError(f"adaptive schedule option confirm must be a positive integer or \"families\", got "
                             f"{confirm!r}")
+    if not isinstance(options.get("confirm_families", CONFIRM_FAMILIES), bool):
+        raise ScheduleError(f"adaptive schedule option confirm_families must be true or false, got "
+                            f"{options['confirm_families']!r}")
 
 
 def residual_gradient_energy(model: nn.Module, adapter: ModelAdapter, calibration: torch.Tensor,
@@ -416,7 +420,7 @@ def search_plans(model: nn.Module, adapter: ModelAdapter, calibration: torch.Ten
                  progress: bool = True, scored: torch.Tensor | None = None,
                  text_rows: int | None = None, context: list[int] | None = None,
                  per_row: dict | None = None, confirm: int | str = 1, confirmed: dict | None = None,
-                 seconds: dict | None = None) -> tuple[str, dict[str, float]]:
+                 seconds: dict | None = None, confirm_families: bool = False) -> tuple[str, dict[str, float]]:
     """The candidate plan whose pruned model predicts held-out calibration sequences best.
 
     Each candidate prunes a copy of `model` with `search_samples` calibration sequences (the same method,
@@ -436,9 +440,10 @@ def search_plans(model: nn.Module, adapter: ModelAdapter, calibration: torch.Ten
     scores well pruned on few sequences can score worse pruned on all of them (docs/results.md). So the
     `confirm` best-scored candidates (when more than one, and when the search pruned on fewer sequences than
     the final pass will) are pruned again on every calibration sequence that is not held out and scored on the
-    same sequences; the best of those is kept. `confirm="families"`: the best-scored candidate of each family
-    (`family`) is confirmed instead, so that a family whose plans score well only when pruned on few sequences
-    cannot fill every place. `confirmed`: filled with those scores; `seconds`: with the
+    same sequences; the best of those is kept. `confirm_families`: the best-scored candidate of each family
+    (`family`) is confirmed too, so that a family whose plans score well only when pruned on few sequences
+    cannot fill every place (`confirm="families"`: those alone, as `confirm=1, confirm_families=True`).
+    `confirmed`: filled with those scores; `seconds`: with the
     time of the search's prunes and scoring (`search`) and of the confirmation (`confirm`).
     """
     train_rows, held_rows = search_rows(calibration.shape[0], search_samples, holdout, scored is not None, text_rows)
@@ -469,7 +474,8 @@ def search_plans(model: nn.Module, adapter: ModelAdapter, calibration: torch.Ten
                 rows[name], got = got, sum(got) / len(got)
             scores[name] = got
         searched = time.perf_counter()
-        finalists = _finalists(ranked(scores), confirm) if final.shape[0] > train.shape[0] else []
+        finalists = _finalists(ranked(scores), confirm, confirm_families) \
+            if final.shape[0] > train.shape[0] else []
         if len(finalists) > 1:
             for name in tqdm(finalists, desc="confirming allocations", unit="plan", disable=not progress):
                 got = trial_scores(candidates[name], final, dense)
@@ -484,13 +490,17 @@ def search_plans(model: nn.Module, adapter: ModelAdapter, calibration: torch.Ten
     return best, scores
 
 
-def _finalists(ranked: list[str], confirm: int | str) -> list[str]:
-    if confirm != "families":
-        return ranked[:confirm]
-    firsts: dict[str, str] = {}
-    for name in ranked:
-        firsts.setdefault(family(name), name)
-    return list(firsts.values())
+def _finalists(ranked: list[str], confirm: int | str, families: bool = False) -> list[str]:
+    """The `confirm` best of `ranked`, then (with `families`) the best of each family not among them."""
+    if confirm == "families":
+        confirm, families = 1, True
+    out = ranked[:confirm]
+    if families:
+        firsts: dict[str, str] = {}
+        for name in ranked:
+            firsts.setdefault(family(name), name)
+        out += [name for name in firsts.values() if name not in out]
+    return out
 
 
 def candidate_plans(heads: list[CostCurve], channels: list[CostCurve], energies: list[tuple[float, float]],
@@ -537,7 +547,8 @@ def adaptive_plan(model: nn.Module, adapter: ModelAdapter, calibration: torch.Te
                   families=FAMILIES,
                   fixed_plans: dict[str, list[LayerPlan]] | None = None,
                   method=None, text_rows: int | None = None,
-                  scoring: torch.Tensor | None = None, confirm: int | str = CONFIRM) -> tuple[list[LayerPlan], dict]:
+                  scoring: torch.Tensor | None = None, confirm: int | str = CONFIRM,
+                  confirm_families: bool = CONFIRM_FAMILIES) -> tuple[list[LayerPlan], dict]:
     """The adaptive schedule's per-layer plan for `target_params` parameters, and what it measured.
 
     With `search` (default) the plans of `families` (`candidate_plans`: by default those from the measured costs,
@@ -555,7 +566,8 @@ def adaptive_plan(model: nn.Module, adapter: ModelAdapter, calibration: torch.Te
     `"text"` scores as `"calibration"` does. `"generated"`: score on `holdout` sequences sampled from the model.
     `score_context`: window lengths the candidates are scored at (`holdout_score`; default: whole rows).
     `confirm`: how many of the best-scored candidates are pruned again on every calibration row and scored again
-    before one is kept (`search_plans`; 1: keep the search's best; `"families"`: the best of each family)."""
+    before one is kept (`search_plans`; 1: keep the search's best; `"families"`: the best of each family instead);
+    `confirm_families`: the best of each family too."""
     t = time.perf_counter()
     generated = score_on == "generated"
     source = scoring if score_on == "source" and scoring is not None and scoring.shape[0] > 0 else None
@@ -589,7 +601,7 @@ def adaptive_plan(model: nn.Module, adapter: ModelAdapter, calibration: torch.Te
         seconds: dict[str, float] = {}
         chosen, scores = search_plans(model, adapter, calibration, candidates, method, device, batch_size,
                                       search_samples, holdout, score, progress, scored, pool, score_context, per_row,
-                                      confirm, confirmed, seconds)
+                                      confirm, confirmed, seconds, confirm_families)
         plans = candidates[chosen]
         used = score_on if score_on != "source" or source is not None else "calibration"
         info["search"] = {"chosen": chosen, "score": score, "scores": scores, "confirmed": confirmed,

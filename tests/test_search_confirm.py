@@ -121,3 +121,43 @@ def test_confirming_families_prunes_the_best_of_each_family_again():
     # the worse fixed shape is not among them, and it matters: its final prune scores otherwise
     other = ({"uniform", "log_increase:8"} - {fixed}).pop()
     assert _loss_after(model, adapter, ids, candidates[other], windows) != pytest.approx(final[fixed], rel=1e-4)
+
+
+def test_confirming_the_two_best_and_each_familys_best():
+    model = tiny_model("llama_gqa", num_hidden_layers=3)
+    adapter, ids, windows = get_adapter(model), _ids(12), _ids(6, seed=5)
+    shapes = _candidates(model)
+    candidates = {"uniform": shapes["uniform"], "log_increase:8": shapes["log_increase:8"],
+                  "blend:linear": shapes["linear:4"], "cost:log2": shapes["log_increase:2"]}
+    confirmed: dict = {}
+    chosen, scores = allocation.search_plans(model, adapter, ids, candidates, get_method("slimgpt"),
+                                             torch.device("cpu"), batch_size=4, search_samples=4, holdout=4,
+                                             progress=False, scored=windows, confirm=2, confirmed=confirmed,
+                                             confirm_families=True)
+    ranked = sorted(scores, key=scores.get)
+    best_of = {allocation.family(k): k for k in reversed(ranked)}
+    assert set(confirmed) == set(ranked[:2]) | set(best_of.values())
+    # both fixed shapes among the two best: then all four are pruned again, else three
+    assert len(confirmed) == (4 if {allocation.family(k) for k in ranked[:2]} == {"fixed"} else 3)
+    final = {k: _loss_after(model, adapter, ids, candidates[k], windows) for k in confirmed}
+    assert confirmed == pytest.approx(final, rel=1e-4)
+    assert chosen == min(final, key=final.get)
+    assert allocation._finalists(["a", "b", "blend:x", "cost:y", "blend:z"], 2, True) == ["a", "b", "blend:x", "cost:y"]
+    assert allocation._finalists(["a", "b", "blend:x"], "families") == ["a", "blend:x"]
+    for bad in (1, "yes", None):
+        with pytest.raises(ScheduleError, match="confirm_families must be true or false"):
+            slimflow.prune(tiny_model("llama"), ids, 0.3, schedule="adaptive", device="cpu", progress=False,
+                           schedule_options={"confirm_families": bad})
+
+
+def test_prune_passes_confirm_families_to_the_search():
+    model = tiny_model("llama_gqa", num_hidden_layers=3)
+    ids, windows = _ids(12), _ids(6, seed=5)
+    report = slimflow.prune(model, ids, 0.3, schedule="adaptive", device="cpu", batch_size=4, progress=False,
+                            generated_samples=0, scoring=windows,
+                            schedule_options={"search_samples": 4, "confirm_families": True})
+    search = report.settings["allocation"]["search"]
+    ranked = sorted(search["scores"], key=search["scores"].get)
+    best_of = {allocation.family(k): k for k in reversed(ranked)}
+    assert set(search["confirmed"]) == set(ranked[:2]) | set(best_of.values())
+    assert len(search["confirmed"]) > 2
