@@ -33,7 +33,7 @@ NORMALIZATIONS = ("gradient", "residual", "none")
 OPTIONS = ("normalize", "points", "search", "search_samples", "holdout", "score", "score_on", "score_context",
            "families", "confirm", "confirm_families")
 CONFIRM = 2  # best-scored candidates the search prunes again on every calibration row before keeping one
-CONFIRM_FAMILIES = False  # also the best-scored candidate of each family
+CONFIRM_FAMILIES = True  # also the best-scored candidate of each family
 FAMILIES = ("cost", "fixed", "blend")  # candidate families the search scores by default (`candidate_plans`)
 ALL_FAMILIES = ("cost", "fixed", "split", "blend", "flat")
 SCORES = ("loss", "kl")

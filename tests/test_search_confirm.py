@@ -95,7 +95,9 @@ def test_prune_records_the_confirmed_scores_and_refuses_a_bad_confirm():
     report = slimflow.prune(model, ids, 0.3, schedule="adaptive", device="cpu", batch_size=4, progress=False,
                             generated_samples=0, scoring=windows, schedule_options=options)
     search = report.settings["allocation"]["search"]
-    assert len(search["confirmed"]) == allocation.CONFIRM
+    ranked = sorted(search["scores"], key=search["scores"].get)  # by default: the two best and each family's best
+    best_of = {allocation.family(k): k for k in reversed(ranked)}
+    assert set(search["confirmed"]) == set(ranked[:allocation.CONFIRM]) | set(best_of.values())
     assert search["chosen"] == min(search["confirmed"], key=search["confirmed"].get)
     assert set(search["confirmed"]) <= set(search["scores"])
     for bad in (0, -1, 1.5, "2", True, "family"):
@@ -153,11 +155,12 @@ def test_confirming_the_two_best_and_each_familys_best():
 def test_prune_passes_confirm_families_to_the_search():
     model = tiny_model("llama_gqa", num_hidden_layers=3)
     ids, windows = _ids(12), _ids(6, seed=5)
-    report = slimflow.prune(model, ids, 0.3, schedule="adaptive", device="cpu", batch_size=4, progress=False,
-                            generated_samples=0, scoring=windows,
-                            schedule_options={"search_samples": 4, "confirm_families": True})
-    search = report.settings["allocation"]["search"]
-    ranked = sorted(search["scores"], key=search["scores"].get)
-    best_of = {allocation.family(k): k for k in reversed(ranked)}
-    assert set(search["confirmed"]) == set(ranked[:2]) | set(best_of.values())
-    assert len(search["confirmed"]) > 2
+    for families in (False, True):
+        report = slimflow.prune(copy.deepcopy(model), ids, 0.3, schedule="adaptive", device="cpu", batch_size=4,
+                                progress=False, generated_samples=0, scoring=windows,
+                                schedule_options={"search_samples": 4, "confirm_families": families})
+        search = report.settings["allocation"]["search"]
+        ranked = sorted(search["scores"], key=search["scores"].get)
+        best_of = {allocation.family(k): k for k in reversed(ranked)}
+        expected = set(ranked[:2]) | (set(best_of.values()) if families else set())
+        assert set(search["confirmed"]) == expected and len(expected) > 2 - (not families)

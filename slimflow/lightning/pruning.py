@@ -44,7 +44,8 @@ class RatioSchedule:
             docs/engine.md), `score_context` (window lengths
             the candidates are scored at, e.g. `[128, 512]`; default the whole calibration sequences), `confirm`
             (2: the two best candidates are pruned again on every calibration sequence before one is kept;
-            `"families"`: the best of each family);
+            `"families"`: the best of each family only), `confirm_families` (true: the best candidate of each
+            family is pruned again too);
             e.g. `{"search": false}`.
     """
 
