@@ -246,6 +246,16 @@ def final_cells(models: list[str], reference: str = "ref-llama-27m") -> list[dic
     return _defaults(out)
 
 
+def _seed_runs(models: list[str]):
+    """The base cell of every seed (0-2) × model × ratio × calibration sampling, 256 sampled sequences added."""
+    for seed in (0, 1, 2):
+        for model in models:
+            for ratio in (0.2, 0.5):
+                for sampling in ("tail", "random"):
+                    yield dict(group="main" if seed == 0 else "seeds", model=model, ratio=ratio,
+                               sampling=sampling, seed=seed, generated=256)
+
+
 def defaults_cells(models: list[str], reference: str = "ref-llama-27m") -> list[dict]:
     """The default adaptive run (256 sampled sequences added) against uniform and log_increase with the same
     sequences, seeds 0-2 of both samplings (and the search's own best, without the confirmation of its two best
@@ -253,14 +263,7 @@ def defaults_cells(models: list[str], reference: str = "ref-llama-27m") -> list[
     sampled = (("uniform", 1.0), ("log_increase", 2.0), ("log_increase", 4.0), ("adaptive", 4.0),
                ("adaptive-confirm1", 4.0))
     plain = (("uniform", 1.0), ("log_increase", 4.0), ("adaptive", 4.0))
-    out = []
-    for seed in (0, 1, 2):
-        for model in models:
-            for ratio in (0.2, 0.5):
-                for sampling in ("tail", "random"):
-                    base = dict(group="main" if seed == 0 else "seeds", model=model, ratio=ratio,
-                                sampling=sampling, seed=seed)
-                    out += [base | dict(schedule=s, spread=k, generated=256) for s, k in sampled]
+    out = [base | dict(schedule=s, spread=k) for base in _seed_runs(models) for s, k in sampled]
     for model in models:
         for ratio in (0.2, 0.5):
             for sampling in ("tail", "random"):
@@ -279,15 +282,8 @@ def families_cells(models: list[str], reference: str = "ref-llama-27m") -> list[
     from slimflow.api import default_generated_samples
 
     full = (("uniform", 1.0), ("log_increase", 4.0), ("adaptive-two", 4.0), ("adaptive-families", 4.0))
-    out = []
-    for seed in (0, 1, 2):
-        for model in models:
-            for ratio in (0.2, 0.5):
-                for sampling in ("tail", "random"):
-                    base = dict(group="main" if seed == 0 else "seeds", model=model, ratio=ratio,
-                                sampling=sampling, seed=seed, generated=256)
-                    schedules = full[3:] if model == reference else full
-                    out += [base | dict(schedule=s, spread=k) for s, k in schedules]
+    out = [base | dict(schedule=s, spread=k) for base in _seed_runs(models)
+           for s, k in (full[3:] if base["model"] == reference else full)]
     if reference in models:
         base = dict(model=reference, sampling="random", generated=256, spread=4.0)
         out.append(base | dict(group="check", ratio=0.5, seed=1, schedule="adaptive-two"))
