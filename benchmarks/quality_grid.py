@@ -32,7 +32,7 @@ CORPUS = "../shared/pretrain_corpus/part-007.txt.gz"
 EVAL_TOKENS, WINDOW, WINDOWS, SKIP = 400_000, 128, 300, 400_000
 SCHEDULES = ("uniform", "log_increase", "adaptive", "adaptive-residual")
 VARIANTS = {"adaptive-residual": ("adaptive", {"normalize": "residual"}), "adaptive-none": ("adaptive", {"normalize": "none"}),
-            "adaptive-confirm1": ("adaptive", {"confirm": 1}),
+            "adaptive-confirm1": ("adaptive", {"confirm": 1, "confirm_families": False}),
             "adaptive-families": ("adaptive", {"confirm": "families"}),
             "adaptive-two": ("adaptive", {"confirm": 2, "confirm_families": False})}
 

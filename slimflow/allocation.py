@@ -566,8 +566,8 @@ def adaptive_plan(model: nn.Module, adapter: ModelAdapter, calibration: torch.Te
     `"text"` scores as `"calibration"` does. `"generated"`: score on `holdout` sequences sampled from the model.
     `score_context`: window lengths the candidates are scored at (`holdout_score`; default: whole rows).
     `confirm`: how many of the best-scored candidates are pruned again on every calibration row and scored again
-    before one is kept (`search_plans`; 1: keep the search's best; `"families"`: the best of each family instead);
-    `confirm_families`: the best of each family too."""
+    before one is kept (`search_plans`; 1 with `confirm_families=False`: keep the search's best; `"families"`:
+    the best of each family instead); `confirm_families`: the best of each family too."""
     t = time.perf_counter()
     generated = score_on == "generated"
     source = scoring if score_on == "source" and scoring is not None and scoring.shape[0] > 0 else None

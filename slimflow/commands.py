@@ -76,9 +76,9 @@ def prune_command(
             calibration text, 128 × 512 tokens, that no calibration sequence overlaps, the default;
             calibration: held-out calibration sequences; text, generated),
             score_context (window lengths to score at, e.g. [128, 512]), confirm (2: the two best candidates
-            are pruned again on every calibration sequence before one is kept; 1: keep the search's best;
-            "families": the best of each family only), confirm_families (true: the best candidate of each
-            family is pruned again too; false: the two best only);
+            are pruned again on every calibration sequence before one is kept; 1 with confirm_families
+            false: keep the search's best; "families": the best of each family only), confirm_families
+            (true: the best candidate of each family is pruned again too; false: the `confirm` best only);
             e.g. '{"search": false}'.
         batch_size: calibration sequences per forward pass.
         device: where layers are processed: auto (CUDA if present), cpu, cuda, cuda:1, ...
