@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# One device call: the search confirming the best candidate of each family (`{"confirm": "families"}`) against
-# the default, which confirms its two best (quality_grid plan `families`).
-# - ref-llama-27m: the new rows, seeds 0-2 of both samplings, one default row that must repeat
+# One device call: the adaptive search confirming the best candidate of each family (`{"confirm": "families"}`)
+# against confirming its two best (`{"confirm": 2, "confirm_families": false}`); the default, their union, is
+# derived from both rows by benchmarks/families_table.py (quality_grid plan `families`).
+# - ref-llama-27m: the families rows, seeds 0-2 of both samplings, one two-best row that must repeat
 #   benchmarks/results/confirm_m27.json (group `check`) and the 512-sequence ablation at 20%.
-# - Meanwhile both 12M models are pretrained again, and packed to $OUT (`<name>_lo.bin`, `<name>_rest.tar`) so
-#   that a later call can carry the same weights (WITH12=<dir>: no pretraining, the models unpacked from
-#   <dir>/gqa and <dir>/qwen2, each holding lo.bin and what <name>_rest.tar holds); then uniform, log_increase, the default and the new rows, seeds SEEDS12 (default 0 1),
-#   one process per ratio × seed × sampling.
+# - Meanwhile both 12M models are pretrained again and packed to $OUT (`<name>_lo.bin`, `<name>_rest.tar`), so
+#   that a later call can carry the same weights (WITH12=<dir>: no pretraining; the models are unpacked from
+#   <dir>/gqa and <dir>/qwen2, each holding lo.bin and what <name>_rest.tar holds). Then uniform, log_increase
+#   and both rules, seeds SEEDS12 (default 0 1), one process per ratio × seed × sampling; DEADLINE: seconds
+#   after the start past which no 12M cell starts.
 # Run as `timeout 550 bash benchmarks/device_families.sh; bash benchmarks/device_families.sh merge` where the call's
 # limit is near: the rows are written as they come, so what ran comes back.
 # Carry .carry/m27 .carry/tok .carry/corpus .carry/grid_data.safetensors .carry/books.safetensors

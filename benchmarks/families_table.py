@@ -1,6 +1,6 @@
-"""Tables of three confirmation rules of the adaptive search, from quality_grid JSON files: the default (the two
-best-scored candidates pruned again on every row), `{"confirm": "families"}` (the best of each family) and their
-union (`{"confirm_families": true}`: the two best and the best of each family).
+"""Tables of three confirmation rules of the adaptive search, from quality_grid JSON files: the two best-scored
+candidates pruned again on every row (the default before `confirm_families`), `{"confirm": "families"}` (the best of each family) and their
+union (the default, `confirm_families`: the two best and the best of each family).
 
     python -m benchmarks.families_table benchmarks/results/confirm_m27.json benchmarks/results/families_m27.json
 
@@ -18,7 +18,7 @@ import sys
 from collections import defaultdict
 
 FIXED = ("uniform", "log_increase")
-RULES = ("default", "families", "union")
+RULES = ("two", "families", "union")
 
 
 def _name(row: dict) -> str | None:
@@ -26,21 +26,21 @@ def _name(row: dict) -> str | None:
         return None
     if row["schedule"] == "adaptive":
         if row["options"] in ({}, {"confirm": 2, "confirm_families": False}):  # {}: rows from before the union
-            return "default"
+            return "two"
         return "families" if row["options"] == {"confirm": "families"} else None
     if row["schedule"] == "log_increase" and row["spread"] != 4.0:
         return None
     return row["schedule"]
 
 
-def union(default: dict, families: dict) -> dict:
+def union(two: dict, families: dict) -> dict:
     """The row whose kept plan scores best among both rows' confirmed candidates (ties: the earlier candidate)."""
-    order = list(default["search"]["scores"])
-    confirmed = default["search"]["confirmed"] | families["search"]["confirmed"]
-    for name in set(default["search"]["confirmed"]) & set(families["search"]["confirmed"]):
-        assert abs(default["search"]["confirmed"][name] - families["search"]["confirmed"][name]) < 1e-9, name
+    order = list(two["search"]["scores"])
+    confirmed = two["search"]["confirmed"] | families["search"]["confirmed"]
+    for name in set(two["search"]["confirmed"]) & set(families["search"]["confirmed"]):
+        assert abs(two["search"]["confirmed"][name] - families["search"]["confirmed"][name]) < 1e-9, name
     best = min(confirmed, key=lambda k: (confirmed[k], order.index(k)))
-    return default if default["search"]["chosen"] == best else families
+    return two if two["search"]["chosen"] == best else families
 
 
 def runs(paths: list[str]) -> dict:
@@ -50,8 +50,8 @@ def runs(paths: list[str]) -> dict:
             if name := _name(row):
                 out[(row["model"], row["ratio"], row["sampling"], row["seed"])][name] = row
     for rows in out.values():
-        if "default" in rows and "families" in rows:
-            rows["union"] = union(rows["default"], rows["families"])
+        if "two" in rows and "families" in rows:
+            rows["union"] = union(rows["two"], rows["families"])
     return {k: v for k, v in out.items() if all(n in v for n in FIXED + RULES)}
 
 
@@ -65,7 +65,7 @@ def table(paths: list[str]) -> str:
     for key, rows in sorted(runs(paths).items()):
         cells[key[:3]].append(rows)
     lines = ["| model | ratio | calibration | seeds | uniform | log_increase | two best (before) | families | "
-             "**two best + families (default)** | vs the better fixed shape | plans kept (default / families / union) |",
+             "**two best + families (default)** | vs the better fixed shape | plans kept (two best / families / union) |",
              "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|"]
     rel: dict = {r: [] for r in RULES}
     books: dict = {r: [] for r in RULES}
@@ -82,7 +82,7 @@ def table(paths: list[str]) -> str:
         kept = ", ".join(" / ".join(s[r]["search"]["chosen"] for r in RULES) for s in seeds)
         lines.append(f"| {model} | {ratio:.0%} | {sampling} | {','.join(str(s['uniform']['seed']) for s in seeds)} "
                      f"| {_fmt([s['uniform']['ppl'] for s in seeds])} | {_fmt([s['log_increase']['ppl'] for s in seeds])} "
-                     f"| {col['default']} | {col['families']} | **{col['union']}** | {statistics.mean(mine):+.1%} "
+                     f"| {col['two']} | {col['families']} | **{col['union']}** | {statistics.mean(mine):+.1%} "
                      f"| {kept} |")
     lines += ["", "| over all paired runs | runs | evaluation text vs the better fixed shape | runs better than both | "
               "books at 128 tokens |", "|---|---:|---:|---:|---:|"]
