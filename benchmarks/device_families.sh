@@ -7,8 +7,8 @@
 # - Meanwhile both 12M models are pretrained again and packed to $OUT (`<name>_lo.bin`, `<name>_rest.tar`), so
 #   that a later call can carry the same weights (WITH12=<dir>: no pretraining; the models are unpacked from
 #   <dir>/gqa and <dir>/qwen2, each holding lo.bin and what <name>_rest.tar holds). Then uniform, log_increase
-#   and both rules, seeds SEEDS12 (default 0 1), one process per ratio × seed × sampling; DEADLINE: seconds
-#   after the start past which no 12M cell starts.
+#   and both rules, seeds SEEDS12 (default 0 1), one process per ratio × seed × sampling; SKIP12: ratio_seed
+#   pairs already measured (e.g. "0.2_s0"); DEADLINE: seconds after the start past which no 12M cell starts.
 # Run as `timeout 550 bash benchmarks/device_families.sh; bash benchmarks/device_families.sh merge` where the call's
 # limit is near: the rows are written as they come, so what ran comes back.
 # Carry .carry/m27 .carry/tok .carry/corpus .carry/grid_data.safetensors .carry/books.safetensors
@@ -47,6 +47,7 @@ twelve() {  # preset name: pretrained (or carried) model, packed to $OUT, then i
   fi
   local budget=$(( ${DEADLINE:-430} - (SECONDS - START) ))
   for r in 0.2 0.5; do for s in ${SEEDS12:-0 1}; do for c in tail random; do
+    [[ " ${SKIP12:-} " == *" ${r}_s$s "* ]] && continue
     grid $2_${r}_s${s}_$c "{'$1': '$dir'}" "[$r]" "[$s]" None "['$c']" $budget &
   done; done; done; wait
 }
