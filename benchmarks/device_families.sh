@@ -8,7 +8,9 @@
 #   that a later call can carry the same weights (WITH12=<dir>: no pretraining; the models are unpacked from
 #   <dir>/gqa and <dir>/qwen2, each holding lo.bin and what <name>_rest.tar holds). Then uniform, log_increase
 #   and both rules, seeds SEEDS12 (default 0 1), one process per ratio × seed × sampling; SKIP12: ratio_seed
-#   pairs already measured (e.g. "0.2_s0"); DEADLINE: seconds after the start past which no 12M cell starts.
+#   pairs already measured (e.g. "0.2_s0"); MODELS12: which of gqa, qwen2 (default both); DEADLINE: seconds
+#   after the start past which no 12M cell starts. Twenty processes on one 80 GiB card ran out of memory
+#   (cusolver errors): eight ran cleanly.
 # Run as `timeout 550 bash benchmarks/device_families.sh; bash benchmarks/device_families.sh merge` where the call's
 # limit is near: the rows are written as they come, so what ran comes back.
 # Carry .carry/m27 .carry/tok .carry/corpus .carry/grid_data.safetensors .carry/books.safetensors
@@ -52,7 +54,7 @@ twelve() {  # preset name: pretrained (or carried) model, packed to $OUT, then i
   done; done; done; wait
 }
 if [[ -z ${WITH12:-} ]]; then unpack_corpus; tokenize_corpus runs/tok runs/grids; fi
-twelve ref-llama-gqa-12m gqa &
-twelve ref-qwen2-12m qwen2 &
+[[ " ${MODELS12:-gqa qwen2} " == *" gqa "* ]] && twelve ref-llama-gqa-12m gqa &
+[[ " ${MODELS12:-gqa qwen2} " == *" qwen2 "* ]] && twelve ref-qwen2-12m qwen2 &
 wait
 merged

@@ -3,11 +3,16 @@ candidates pruned again on every row (the default before `confirm_families`), `{
 union (the default, `confirm_families`: the two best and the best of each family).
 
     python -m benchmarks.families_table benchmarks/results/confirm_m27.json benchmarks/results/families_m27.json
+    python -m benchmarks.families_table seeds benchmarks/results/families_gqa_p4.json ...
 
 The union needs no run of its own: every confirmed candidate's score is its prune on every row, the same in both
 rows, so the union keeps the better of the two rows' kept plans by those scores, and that row's perplexity is the
 union's. Per model × ratio × calibration cell: mean ± std over seeds, in brackets the seeds better than both fixed
 shapes (uniform, log_increase at spread 4); then each rule over all paired runs.
+
+`seeds`: every run with both fixed shapes and the two-best row, one line per seed, the union where its families
+row ran too (else "–"); then per cell the seed spread of the fixed shapes against the mean margin of the
+default (the union, or the two-best row where the union is not measured), so a win can be read against the noise.
 """
 
 from __future__ import annotations
@@ -43,7 +48,9 @@ def union(two: dict, families: dict) -> dict:
     return two if two["search"]["chosen"] == best else families
 
 
-def runs(paths: list[str]) -> dict:
+def runs(paths: list[str], complete: bool = True) -> dict:
+    """Rows by (model, ratio, sampling, seed), later files replacing earlier ones; `complete`: only the runs that
+    have both fixed shapes and every rule (else both fixed shapes and the two-best row)."""
     out: dict = defaultdict(dict)
     for path in paths:
         for row in json.load(open(path))["rows"]:
@@ -52,7 +59,8 @@ def runs(paths: list[str]) -> dict:
     for rows in out.values():
         if "two" in rows and "families" in rows:
             rows["union"] = union(rows["two"], rows["families"])
-    return {k: v for k, v in out.items() if all(n in v for n in FIXED + RULES)}
+    needed = FIXED + (RULES if complete else ("two",))
+    return {k: v for k, v in out.items() if all(n in v for n in needed)}
 
 
 def _fmt(values: list[float]) -> str:
@@ -93,5 +101,32 @@ def table(paths: list[str]) -> str:
     return "\n".join(lines)
 
 
+def seeds_table(paths: list[str]) -> str:
+    lines = ["| model | ratio | calibration | seed | uniform | log_increase | two best | union (default) | "
+             "default vs the better fixed shape | plan kept |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    cells: dict = defaultdict(list)
+    for (model, ratio, sampling, seed), rows in sorted(runs(paths, complete=False).items()):
+        best = min(rows[f]["ppl"] for f in FIXED)
+        default = rows.get("union", rows["two"])
+        margin = default["ppl"] / best - 1
+        cells[(model, ratio, sampling)].append((rows, margin))
+        union = f"{rows['union']['ppl']:.2f}" if "union" in rows else "–"
+        mark = "" if "union" in rows else " (two best)"
+        lines.append(f"| {model} | {ratio:.0%} | {sampling} | {seed} | {rows['uniform']['ppl']:.2f} | "
+                     f"{rows['log_increase']['ppl']:.2f} | {rows['two']['ppl']:.2f} | {union} | {margin:+.1%}{mark} "
+                     f"| {default['search']['chosen']} |")
+    lines += ["", "| model | ratio | calibration | seeds | uniform | log_increase | default | default vs the better "
+              "fixed shape, mean (min, max) | seeds better than both |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for (model, ratio, sampling), entries in cells.items():
+        margins = [m for _, m in entries]
+        default = [r.get("union", r["two"])["ppl"] for r, _ in entries]
+        lines.append(f"| {model} | {ratio:.0%} | {sampling} | {len(entries)} | "
+                     f"{_fmt([r['uniform']['ppl'] for r, _ in entries])} | "
+                     f"{_fmt([r['log_increase']['ppl'] for r, _ in entries])} | {_fmt(default)} | "
+                     f"{statistics.mean(margins):+.1%} ({min(margins):+.1%}, {max(margins):+.1%}) | "
+                     f"{sum(m < 0 for m in margins)}/{len(margins)} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    print(table(sys.argv[1:]))
+    print(seeds_table(sys.argv[2:]) if sys.argv[1:2] == ["seeds"] else table(sys.argv[1:]))

@@ -14,6 +14,12 @@ from torch import nn
 from slimflow.errors import InsufficientMemoryError
 
 GIB = 1 << 30
+MIB = 1 << 20
+
+
+def format_bytes(n: int) -> str:
+    """`n` bytes in GiB to one decimal, or in MiB below 1 GiB (so that a small model's need never reads 0.0)."""
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / MIB:.0f} MiB"
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -58,24 +64,24 @@ def check_whole_model_fits(model: nn.Module, device: torch.device, what: str, *,
         free = torch.cuda.mem_get_info(device)[0]
     if need["total"] <= free:
         return
-    parts = [f"weights {need['weights'] / GIB:.1f} GiB"] if need["weights"] else []
+    parts = [f"weights {format_bytes(need['weights'])}"] if need["weights"] else []
     if need["cache"] >= need["copy"] and need["cache"]:
         parts.append(f"key/value cache of {sampling_batch} sampled sequences of {seqlen} tokens "
-                     f"{need['cache'] / GIB:.1f} GiB")
+                     f"{format_bytes(need['cache'])}")
     elif need["copy"]:
-        parts.append(f"the search's copy of the model {need['copy'] / GIB:.1f} GiB")
+        parts.append(f"the search's copy of the model {format_bytes(need['copy'])}")
     fixes = []
     if need["cache"]:
         fixes.append(f"set generated_samples to 0 (--generated-samples 0; then about "
-                     f"{(need['weights'] + need['copy']) / GIB:.1f} GiB)")
+                     f"{format_bytes(need['weights'] + need['copy'])})")
     if adaptive:
         fixes.append("use a fixed schedule such as log_increase (one layer at a time on the device)")
     if need["copy"]:
         fixes.append("keep the model on the CPU (it is moved to the device for each whole-model pass)")
     fixes.append("or a device with more free memory")
     raise InsufficientMemoryError(
-        f"{what} runs the whole model on {device}: it needs at least {need['total'] / GIB:.1f} GiB there "
-        f"({', '.join(parts)}) and {free / GIB:.1f} GiB are free: {', '.join(fixes)}")
+        f"{what} runs the whole model on {device}: it needs at least {format_bytes(need['total'])} there "
+        f"({', '.join(parts)}) and {format_bytes(free)} are free: {', '.join(fixes)}")
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

@@ -8,7 +8,8 @@ import slimflow
 import slimflow.api
 from slimflow.adapters import get_adapter
 from slimflow.cli import main
-from slimflow.device_memory import check_whole_model_fits, sampling_cache_bytes, weight_bytes, whole_model_need
+from slimflow.device_memory import (check_whole_model_fits, format_bytes, sampling_cache_bytes, weight_bytes,
+                                    whole_model_need)
 from slimflow.errors import InsufficientMemoryError, out_of_memory_in
 from tests.tiny_models import tiny_model, tiny_tokenizer
 
@@ -55,9 +56,19 @@ def test_check_refuses_one_byte_short_and_names_the_numbers_and_the_fixes():
     assert text.startswith(f"the adaptive schedule runs the whole model on {CUDA}: it needs at least")
     assert "key/value cache of 64 sampled sequences of 32 tokens" in text and "--generated-samples 0" in text
     assert "log_increase" in text and "\n" not in text
+    # a tiny model's need reads in MiB, never as 0.0 GiB
+    assert f"it needs at least {format_bytes(need)} there" in text and "0.0 GiB" not in text
     # without sampling the cache is not counted: the weights alone fit
     check_whole_model_fits(model, CUDA, "the adaptive schedule", free=weight_bytes(model))
     check_whole_model_fits(model, torch.device("cpu"), "the adaptive schedule", sampling_batch=64, seqlen=32, free=0)
+
+
+def test_format_bytes_uses_mib_below_one_gib():
+    assert format_bytes(0) == "0 MiB"
+    assert format_bytes(300 << 20) == "300 MiB"
+    assert format_bytes((1 << 30) - 1) == "1024 MiB"
+    assert format_bytes(1 << 30) == "1.0 GiB"
+    assert format_bytes(int(2.26 * (1 << 30))) == "2.3 GiB"
 
 
 def test_prune_refuses_a_device_too_small_before_any_work(monkeypatch):
