@@ -85,17 +85,33 @@ def user_error_in(error: BaseException) -> BaseException | None:
         f"{cls.__module__}.{cls.__qualname__}" in FOREIGN_USER_ERRORS for cls in type(e).__mro__)), None)
 
 
+# What cuBLAS / cuSOLVER report when they cannot allocate their workspace on a full card: torch raises a plain
+# RuntimeError for these, not an OutOfMemoryError (seen with twenty processes sharing one 80 GiB card).
+_HANDLE_FAILURE = re.compile(r"(CUSOLVER|CUBLAS)_STATUS_(ALLOC_FAILED|INTERNAL_ERROR|NOT_INITIALIZED)"
+                             r"(?:,? when calling `(\w+)\(handle\)`)?")
+
+
 def out_of_memory_in(error: BaseException) -> str | None:
     """A one-line message for a CUDA out-of-memory error that `error` is or was raised from (None otherwise):
     what torch tried to allocate and what was free, and what to lower. Matched by class name, without importing
-    torch."""
-    oom = next((e for e in _chain(error) if any(c.__name__ == "OutOfMemoryError" for c in type(e).__mro__)), None)
+    torch. A cuBLAS / cuSOLVER failure to allocate or create its handle counts too: on a working setup that
+    comes from a card whose memory is full."""
+    chain = list(_chain(error))
+    oom = next((e for e in chain if any(c.__name__ == "OutOfMemoryError" for c in type(e).__mro__)), None)
+    fixes = ("lower the batch size (--batch-size) or the sequence length, set --generated-samples 0, or use a "
+             "device with more memory; --debug shows the traceback")
     if oom is None:
-        return None
+        handle = next((m for e in chain if isinstance(e, RuntimeError) and (m := _HANDLE_FAILURE.search(str(e)))),
+                      None)
+        if handle is None or (handle[2] != "ALLOC_FAILED" and not handle[3]):
+            return None
+        where = f" in {handle[3]}" if handle[3] else ""
+        return (f"out of memory on the GPU ({handle[1]}_STATUS_{handle[2]}{where}: {handle[1].lower()} could not "
+                f"set up on the card, usually because its memory is full): other processes may hold the card "
+                f"(nvidia-smi lists them), or {fixes}")
     text = str(oom)
     tried = re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", text)
     free = re.search(r"total capacity of ([\d.]+ [KMGT]?i?B) of which ([\d.]+ [KMGT]?i?B) is free", text)
     detail = "; ".join(filter(None, [tried and f"tried to allocate {tried[1]}",
                                      free and f"{free[2]} of {free[1]} free"])) or text.split("\n")[0][:120]
-    return (f"out of memory on the GPU ({detail}): lower the batch size (--batch-size) or the sequence length, set "
-            "--generated-samples 0, or use a device with more memory; --debug shows the traceback")
+    return f"out of memory on the GPU ({detail}): {fixes}"

@@ -121,7 +121,38 @@ def test_out_of_memory_message_is_one_line_with_what_was_asked_and_free():
         assert out_of_memory_in(wrapped) == message
 
 
-def test_prune_command_reports_out_of_memory_in_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+CUSOLVER_TEXT = ("cusolver error: CUSOLVER_STATUS_INTERNAL_ERROR, when calling `cusolverDnCreate(handle)`. If you keep "
+                 "seeing this error, you may use `torch.backends.cuda.preferred_linalg_library()` to try linear "
+                 "algebra operators with other supported backends.")
+
+
+@pytest.mark.parametrize("text, named", [
+    (CUSOLVER_TEXT, "CUSOLVER_STATUS_INTERNAL_ERROR in cusolverDnCreate"),
+    ("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+     "CUBLAS_STATUS_ALLOC_FAILED in cublasCreate"),
+    ("CUDA error: CUBLAS_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED")])
+def test_a_library_that_cannot_set_up_on_a_full_card_reads_as_out_of_memory(text, named):
+    message = out_of_memory_in(RuntimeError(text))
+    assert message.startswith(f"out of memory on the GPU ({named}")
+    assert "nvidia-smi" in message and "--batch-size" in message and "\n" not in message
+    try:
+        try:
+            raise RuntimeError(text)
+        except RuntimeError as error:
+            raise ValueError("scoring the candidates failed") from error
+    except ValueError as wrapped:
+        assert out_of_memory_in(wrapped) == message
+
+
+def test_other_library_errors_are_not_taken_for_out_of_memory():
+    """An internal error inside a kernel call, not at handle creation, is a defect: its traceback must show."""
+    assert out_of_memory_in(RuntimeError("CUDA error: CUBLAS_STATUS_INTERNAL_ERROR when calling `cublasSgemm( handle, "
+                                         "opa, opb, m, n, k, &alpha, a, lda, b, ldb, &beta, c, ldc)`")) is None
+    assert out_of_memory_in(ValueError(CUSOLVER_TEXT)) is None
+
+
+@pytest.mark.parametrize("failure", [lambda: torch.OutOfMemoryError(OOM_TEXT), lambda: RuntimeError(CUSOLVER_TEXT)])
+def test_prune_command_reports_out_of_memory_in_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, failure):
     model = tiny_model("llama")
     model.save_pretrained(tmp_path / "dense")
     tiny_tokenizer().save_pretrained(tmp_path / "dense")
@@ -132,7 +163,7 @@ def test_prune_command_reports_out_of_memory_in_one_line_and_writes_nothing(tmp_
 
     def prune_then_run_out(model, *args, **kwargs):  # fails mid-prune, after the model changed
         real(model, *args, **kwargs)
-        raise torch.OutOfMemoryError(OOM_TEXT)
+        raise failure()
 
     monkeypatch.setattr(slimflow.api, "prune", prune_then_run_out)
     out = tmp_path / "pruned"
@@ -141,5 +172,5 @@ def test_prune_command_reports_out_of_memory_in_one_line_and_writes_nothing(tmp_
     err = capsys.readouterr().err
     assert code == 2
     errors = [line for line in err.splitlines() if line.startswith("error:") or "Traceback" in line]
-    assert errors == [f"error: {out_of_memory_in(torch.OutOfMemoryError(OOM_TEXT))}"]
+    assert errors == [f"error: {out_of_memory_in(failure())}"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "dense"]  # no output, no staging folder
