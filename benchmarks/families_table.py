@@ -109,7 +109,7 @@ def seeds_table(paths: list[str]) -> str:
         best = min(rows[f]["ppl"] for f in FIXED)
         default = rows.get("union", rows["two"])
         margin = default["ppl"] / best - 1
-        cells[(model, ratio, sampling)].append((rows, margin))
+        cells[(model, ratio, sampling)].append((rows, default["ppl"], margin))
         union = f"{rows['union']['ppl']:.2f}" if "union" in rows else "–"
         mark = "" if "union" in rows else " (two best)"
         lines.append(f"| {model} | {ratio:.0%} | {sampling} | {seed} | {rows['uniform']['ppl']:.2f} | "
@@ -118,11 +118,10 @@ def seeds_table(paths: list[str]) -> str:
     lines += ["", "| model | ratio | calibration | seeds | uniform | log_increase | default | default vs the better "
               "fixed shape, mean (min, max) | seeds better than both |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for (model, ratio, sampling), entries in cells.items():
-        margins = [m for _, m in entries]
-        default = [r.get("union", r["two"])["ppl"] for r, _ in entries]
+        margins = [m for _, _, m in entries]
         lines.append(f"| {model} | {ratio:.0%} | {sampling} | {len(entries)} | "
-                     f"{_fmt([r['uniform']['ppl'] for r, _ in entries])} | "
-                     f"{_fmt([r['log_increase']['ppl'] for r, _ in entries])} | {_fmt(default)} | "
+                     f"{_fmt([r['uniform']['ppl'] for r, _, _ in entries])} | "
+                     f"{_fmt([r['log_increase']['ppl'] for r, _, _ in entries])} | {_fmt([d for _, d, _ in entries])} | "
                      f"{statistics.mean(margins):+.1%} ({min(margins):+.1%}, {max(margins):+.1%}) | "
                      f"{sum(m < 0 for m in margins)}/{len(margins)} |")
     return "\n".join(lines)
